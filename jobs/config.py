@@ -1,0 +1,68 @@
+"""The one config tree every subcommand reads (``--config`` + ``--set``).
+
+Sections are owned by the part that uses them: ``data`` by ``pipeline``,
+``model`` by ``moe_model`` (a preset plus field overrides), ``train`` by the
+trainer. ``storage.root`` is where datasets, checkpoints and models land: a
+local folder on a laptop, ``s3://bucket/prefix`` on a cluster.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from jobs.train.config import TrainConfig
+from pipeline.config import PrepareConfig
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class StorageConfig(Section):
+    root: str = Field("outputs", description="Local folder or s3://bucket/prefix for all outputs.")
+
+
+class TrackingConfig(Section):
+    uri: str | None = Field(
+        None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db"
+    )
+    experiment: str = "moe-pretrain"
+
+
+class ModelSection(BaseModel):
+    """``preset`` plus any ``moe_model.ModelConfig`` field to override it."""
+
+    model_config = ConfigDict(extra="allow")
+    preset: str = "tiny"
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelSection:
+        self.build()
+        return self
+
+    def overrides(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+    def build(self):
+        from moe_model import ModelConfig
+
+        fields = {f.name for f in dataclasses.fields(ModelConfig)}
+        for key in self.overrides():
+            if key not in fields:
+                raise ValueError(f"unknown config key 'model.{key}'")
+        try:
+            base = ModelConfig.preset(self.preset)
+            return dataclasses.replace(base, **self.overrides())
+        except (ValueError, TypeError, KeyError) as e:
+            raise ValueError(f"model: {e}") from None
+
+
+class RootConfig(Section):
+    storage: StorageConfig = StorageConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    data: PrepareConfig = PrepareConfig()
+    model: ModelSection = ModelSection()
+    train: TrainConfig = TrainConfig()
