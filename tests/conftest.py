@@ -107,21 +107,21 @@ def mlflow_server(tmp_path_factory):
         "--artifacts-destination", (root / "artifacts").as_uri(),
         "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
     ]  # fmt: skip
-    log = open(root / "server.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(f"{uri}/health", timeout=120, proc=proc)
-    except Exception:
-        proc.kill()
-        raise RuntimeError(f"mlflow server failed: {(root / 'server.log').read_text()[-2000:]}")
-    yield uri
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    with open(root / "server.log", "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        uri = f"http://127.0.0.1:{port}"
+        try:
+            wait_http(f"{uri}/health", timeout=120, proc=proc)
+        except Exception as e:
+            proc.kill()
+            tail = (root / "server.log").read_text()[-2000:]
+            raise RuntimeError(f"mlflow server failed: {e}\n{tail}") from None
+        yield uri
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 @pytest.fixture

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 ConfigOpt = Annotated[
-    Optional[Path], typer.Option("--config", "-c", help="YAML config file (see configs/).")
+    Path | None, typer.Option("--config", "-c", help="YAML config file (see configs/).")
 ]
 SetOpt = Annotated[
-    Optional[list[str]],
+    list[str] | None,
     typer.Option("--set", "-s", help="Override a config key: --set train.lr=3e-4 (repeatable)."),
 ]

@@ -1,0 +1,67 @@
+"""The config loader: YAML + --set overrides, one-line errors naming the key."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import BaseModel, ConfigDict, Field
+
+from jobs.settings import ConfigError, apply_overrides, load_config, parse_override
+
+
+class Inner(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    lr: float = Field(1e-3, gt=0)
+    name: str = "a"
+
+
+class Outer(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    train: Inner = Inner()
+    steps: int = 10
+
+
+def test_override_values_are_parsed_as_yaml():
+    assert parse_override("train.lr=3e-4") == (["train", "lr"], 3e-4)
+    assert parse_override("a=[1, 2]") == (["a"], [1, 2])
+    assert parse_override("a=s3://b/p") == (["a"], "s3://b/p")
+    assert parse_override("a=") == (["a"], "")
+
+
+def test_overrides_win_over_the_file(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("steps: 5\ntrain:\n  lr: 0.1\n  name: x\n")
+    cfg = load_config(Outer, f, ["train.lr=0.5", "steps=7"])
+    assert (cfg.steps, cfg.train.lr, cfg.train.name) == (7, 0.5, "x")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (["train.lr=-1"], "'train.lr'"),
+        (["train.typo=1"], "unknown config key 'train.typo'"),
+        (["steps=many"], "'steps'"),
+        (["train.lr.deep=1"], "'train.lr'"),
+        (["novalue"], "expected key.path=value"),
+    ],
+)
+def test_bad_values_give_one_line_naming_the_key(overrides, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(Outer, None, overrides)
+    msg = str(e.value)
+    assert needle in msg
+    assert "\n" not in msg
+
+
+def test_missing_or_malformed_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(Outer, tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(Outer, bad)
+
+
+def test_apply_overrides_creates_sections():
+    assert apply_overrides({}, ["a.b.c=1"]) == {"a": {"b": {"c": 1}}}
+    with pytest.raises(ConfigError, match="'b' is a value"):
+        apply_overrides({"a": {"b": 1}}, ["a.b.c=1"])
