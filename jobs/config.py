@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from jobs.service.config import ClusterConfig, EvaluateConfig, RegistryConfig, ScheduleConfig
 from jobs.train.config import TrainConfig
 from pipeline.config import PrepareConfig
 
@@ -27,7 +28,8 @@ class StorageConfig(Section):
 
 class TrackingConfig(Section):
     uri: str | None = Field(
-        None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db"
+        None,
+        description="MLflow tracking URI; default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db",
     )
     experiment: str = "moe-pretrain"
 
@@ -66,3 +68,7 @@ class RootConfig(Section):
     data: PrepareConfig = PrepareConfig()
     model: ModelSection = ModelSection()
     train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    registry: RegistryConfig = RegistryConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    cluster: ClusterConfig = ClusterConfig()
