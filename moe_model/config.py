@@ -1,0 +1,163 @@
+"""Model configuration: one dataclass, validated on construction, that reports its own size.
+
+Shape legend used across moe_model/:
+    B batch, T sequence, D hidden, F expert hidden, E experts, K top_k, H query heads,
+    Hkv key/value heads, Dh head dim, V vocab, L layers, N token-slots (B*T*K).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 14336
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 8
+    num_experts: int = 8
+    top_k: int = 2
+    rope_theta: float = 1e6
+    rms_norm_eps: float = 1e-5
+    max_seq_len: int = 4096
+    sliding_window: int | None = None
+    tie_embeddings: bool = False
+    # Switch Transformer load-balancing loss weight (Fedus et al. 2021, eq. 4).
+    aux_loss_coef: float = 0.01
+    # ST-MoE router z-loss weight (Zoph et al. 2022, eq. 5); the paper uses 1e-3.
+    z_loss_coef: float = 1e-3
+    # None = dropless; otherwise each expert takes at most ceil(cf * N / E) token-slots.
+    capacity_factor: float | None = None
+    init_std: float = 0.02
+    # Auxiliary-loss-free balancing step size (DeepSeek-V3, arXiv:2412.19437 sec. 2.1.2); 0 = off.
+    router_bias_update_rate: float = 0.0
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> ModelConfig:
+        from moe_model.presets import PRESETS
+
+        if name not in PRESETS:
+            raise ValueError(f"preset: unknown name {name!r}, expected one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"{unknown[0]}: not a ModelConfig field")
+        return cls(**d)
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    # Parameter accounting (OLMo-core MoEConfig.num_params style); tests hold these to numel().
+
+    def _attention_params(self) -> int:
+        d, dh = self.hidden_size, self.head_dim
+        return d * self.num_heads * dh * 2 + d * self.num_kv_heads * dh * 2
+
+    def _expert_params(self) -> int:
+        return 3 * self.hidden_size * self.intermediate_size
+
+    def _embedding_params(self) -> int:
+        return self.vocab_size * self.hidden_size * (1 if self.tie_embeddings else 2)
+
+    def _layer_params(self, experts: int) -> int:
+        router = self.num_experts * self.hidden_size
+        norms = 2 * self.hidden_size
+        return self._attention_params() + router + norms + experts * self._expert_params()
+
+    def num_params(self) -> int:
+        layers = self.num_layers * self._layer_params(self.num_experts)
+        return self._embedding_params() + layers + self.hidden_size
+
+    def num_active_params(self) -> int:
+        """Parameters touched by one token: all but the (E - K) unselected experts per layer."""
+        layers = self.num_layers * self._layer_params(self.top_k)
+        return self._embedding_params() + layers + self.hidden_size
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs (forward + backward) per token, torchtitan's formula.
+
+        6 * active non-embedding parameters (the input embedding is a lookup, the output
+        projection a matmul) plus 12 * L * H * Dh * T for attention scores and values
+        (PaLM, Chowdhery et al. 2022, appendix B), counting the full square as torchtitan does.
+        """
+        matmul_params = self.num_active_params() - self.vocab_size * self.hidden_size
+        if self.tie_embeddings:
+            matmul_params += self.vocab_size * self.hidden_size
+        context = min(seq_len, self.sliding_window) if self.sliding_window else seq_len
+        attention = 12 * self.num_layers * self.num_heads * self.head_dim * context
+        return 6.0 * matmul_params + attention
+
+
+def _validate(c: ModelConfig) -> None:
+    positive_ints = (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_layers",
+        "num_heads",
+        "num_kv_heads",
+        "num_experts",
+        "top_k",
+        "max_seq_len",
+    )
+    for name in positive_ints:
+        value = getattr(c, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+    if c.hidden_size % c.num_heads:
+        raise ValueError(
+            f"hidden_size: must be divisible by num_heads ({c.num_heads}), got {c.hidden_size}"
+        )
+    if c.head_dim % 2:
+        raise ValueError(f"hidden_size: head_dim must be even for RoPE, got {c.head_dim}")
+    if c.num_kv_heads > c.num_heads or c.num_heads % c.num_kv_heads:
+        raise ValueError(
+            f"num_kv_heads: must divide num_heads ({c.num_heads}), got {c.num_kv_heads}"
+        )
+    if c.top_k > c.num_experts:
+        raise ValueError(f"top_k: must be <= num_experts ({c.num_experts}), got {c.top_k}")
+    if c.sliding_window is not None and (
+        isinstance(c.sliding_window, bool)
+        or not isinstance(c.sliding_window, int)
+        or c.sliding_window < 1
+    ):
+        raise ValueError(
+            f"sliding_window: must be a positive integer or None, got {c.sliding_window!r}"
+        )
+    if not isinstance(c.tie_embeddings, bool):
+        raise ValueError(f"tie_embeddings: must be a bool, got {c.tie_embeddings!r}")
+    _check_float(c, "rope_theta", low=0.0, strict=True)
+    _check_float(c, "rms_norm_eps", low=0.0, strict=True)
+    _check_float(c, "init_std", low=0.0, strict=True)
+    _check_float(c, "aux_loss_coef", low=0.0, strict=False)
+    _check_float(c, "z_loss_coef", low=0.0, strict=False)
+    _check_float(c, "router_bias_update_rate", low=0.0, strict=False)
+    if c.capacity_factor is not None:
+        _check_float(c, "capacity_factor", low=0.0, strict=True)
+
+
+def _check_float(c: ModelConfig, name: str, low: float, strict: bool) -> None:
+    value = getattr(c, name)
+    bad_type = isinstance(value, bool) or not isinstance(value, int | float)
+    if bad_type or value != value or value < low or (strict and value == low):
+        bound = f"> {low}" if strict else f">= {low}"
+        raise ValueError(f"{name}: must be a number {bound}, got {value!r}")

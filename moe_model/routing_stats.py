@@ -1,0 +1,65 @@
+"""Per-layer routing statistics: detached tensors, a handful of [E]-sized ops per step.
+
+Legend: T tokens, E experts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+
+@dataclass
+class RoutingStats:
+    tokens_per_expert: torch.Tensor  # [E] float, token-slots routed (before capacity drops)
+    load_imbalance: torch.Tensor  # max / mean of tokens_per_expert; 1.0 = perfectly balanced
+    cv: torch.Tensor  # coefficient of variation (population std / mean) of tokens_per_expert
+    dead_experts: torch.Tensor  # number of experts that received no token
+    entropy: torch.Tensor  # mean entropy (nats) of the router's softmax over experts
+    aux_loss: torch.Tensor
+    z_loss: torch.Tensor
+    dropped_frac: torch.Tensor  # fraction of token-slots dropped by the capacity limit
+
+    def scalars(self) -> dict[str, torch.Tensor]:
+        return {
+            f.name: getattr(self, f.name) for f in fields(self) if f.name != "tokens_per_expert"
+        }
+
+
+@torch.no_grad()
+def compute_routing_stats(
+    routed_E: torch.Tensor,
+    logits_TE: torch.Tensor,
+    aux_loss: torch.Tensor,
+    z_loss: torch.Tensor,
+    dropped: torch.Tensor,
+) -> RoutingStats:
+    counts_E = routed_E.detach().float()
+    mean = counts_E.mean()
+    log_probs_TE = torch.log_softmax(logits_TE.detach().float(), dim=-1)
+    entropy = -(log_probs_TE.exp() * log_probs_TE).sum(dim=-1).mean()
+    return RoutingStats(
+        tokens_per_expert=counts_E,
+        load_imbalance=counts_E.max() / mean,
+        cv=counts_E.std(unbiased=False) / mean,
+        dead_experts=(counts_E == 0).sum().float(),
+        entropy=entropy,
+        aux_loss=aux_loss.detach().float(),
+        z_loss=z_loss.detach().float(),
+        dropped_frac=dropped.float() / counts_E.sum(),
+    )
+
+
+def routing_metrics(routing: list[RoutingStats], prefix: str = "moe") -> dict[str, float]:
+    """Flatten to `{prefix}/layer{i}/{name}` floats plus layer means `{prefix}/{name}` (one sync)."""
+    names = list(routing[0].scalars()) if routing else []
+    if not names:
+        return {}
+    table_LS = torch.stack([torch.stack(list(s.scalars().values())) for s in routing]).cpu()
+    out: dict[str, float] = {}
+    for j, name in enumerate(names):
+        out[f"{prefix}/{name}"] = float(table_LS[:, j].mean())
+        for i in range(table_LS.shape[0]):
+            out[f"{prefix}/layer{i}/{name}"] = float(table_LS[i, j])
+    return out

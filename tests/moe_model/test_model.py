@@ -1,0 +1,86 @@
+import time
+
+import pytest
+import torch
+
+from moe_model import ModelConfig, MoETransformer
+
+
+def _model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return MoETransformer(ModelConfig.preset("debug", **overrides))
+
+
+def test_forward_shapes_and_losses():
+    model = _model()
+    cfg = model.config
+    ids = torch.randint(0, cfg.vocab_size, (3, 17))
+    out = model(ids, labels=ids)
+    assert out.logits.shape == (3, 17, cfg.vocab_size)
+    assert out.loss.shape == out.ce_loss.shape == out.aux_loss.shape == out.z_loss.shape == ()
+    expected = out.ce_loss + cfg.aux_loss_coef * out.aux_loss + cfg.z_loss_coef * out.z_loss
+    torch.testing.assert_close(out.loss, expected)
+    assert len(out.routing) == cfg.num_layers
+    stats = out.routing[0]
+    assert stats.tokens_per_expert.shape == (cfg.num_experts,)
+    assert stats.tokens_per_expert.sum() == 3 * 17 * cfg.top_k
+    assert not any(t.requires_grad for t in stats.scalars().values())
+    assert model(ids).loss is None
+
+
+def test_same_seed_gives_identical_weights_and_outputs():
+    a, b, c = _model(seed=3), _model(seed=3), _model(seed=4)
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(pa, pb), name
+    ids = torch.randint(0, 512, (2, 9))
+    assert torch.equal(a(ids).logits, b(ids).logits)
+    assert not torch.equal(a.embed.weight, c.embed.weight)
+
+
+def test_output_projections_are_scaled_by_depth():
+    model = MoETransformer(ModelConfig.preset("debug", num_layers=8, hidden_size=256, num_heads=4))
+    std = model.config.init_std
+    block = model.layers[0]
+    assert abs(block.attn.q_proj.weight.std().item() - std) < 0.1 * std
+    assert abs(block.attn.o_proj.weight.std().item() - std / 4) < 0.1 * std / 4
+    assert abs(block.moe.w2.std().item() - std / 4) < 0.1 * std / 4
+
+
+def test_debug_train_step_is_fast():
+    model = _model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids = torch.randint(0, model.config.vocab_size, (8, 128))
+    for _ in range(2):
+        start = time.perf_counter()
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        elapsed = time.perf_counter() - start
+    assert elapsed < 0.5
+
+
+def test_loss_decreases_on_a_repeated_batch():
+    model = _model()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    ids = torch.randint(0, model.config.vocab_size, (4, 32))
+    first = model(ids, labels=ids).loss.item()
+    for _ in range(20):
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert model(ids, labels=ids).loss.item() < first - 1.0
+
+
+def test_labels_minus_100_are_ignored():
+    model = _model()
+    ids = torch.randint(0, 512, (2, 10))
+    labels = ids.clone()
+    labels[:, 5:] = -100
+    full = model(ids[:, :5], labels=ids[:, :5]).ce_loss
+    torch.testing.assert_close(model(ids, labels=labels).ce_loss, full)
+
+
+def test_sequence_longer_than_max_seq_len_is_rejected():
+    model = _model(max_seq_len=16)
+    with pytest.raises(ValueError, match="^max_seq_len: "):
+        model(torch.zeros(1, 17, dtype=torch.long))
