@@ -84,3 +84,45 @@ def test_sequence_longer_than_max_seq_len_is_rejected():
     model = _model(max_seq_len=16)
     with pytest.raises(ValueError, match="^max_seq_len: "):
         model(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_sliding_window_only_changes_positions_past_the_window():
+    full, windowed = _model(seed=1), _model(seed=1, sliding_window=6)
+    ids = torch.randint(0, 512, (2, 20))
+    a, b = full(ids).logits, windowed(ids).logits
+    torch.testing.assert_close(a[:, :6], b[:, :6])
+    assert (a[:, 6:] - b[:, 6:]).abs().max() > 1e-4
+
+
+def test_kv_cache_decoding_matches_full_forward():
+    model = _model(seed=2, sliding_window=5).eval()
+    ids = torch.randint(0, 512, (2, 12))
+    caches = model.new_kv_caches(2, 12)
+    with torch.no_grad():
+        steps = [model(ids[:, :7], kv_caches=caches).logits]
+        steps += [model(ids[:, t : t + 1], kv_caches=caches).logits for t in range(7, 12)]
+        torch.testing.assert_close(torch.cat(steps, dim=1), model(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_sampling_is_reproducible_and_top_p_near_zero_is_greedy():
+    model = _model(seed=3)
+    prompt = torch.randint(0, 512, (2, 4))
+    sample = [
+        model.generate(prompt, 8, temperature=1.0, generator=torch.Generator().manual_seed(7))
+        for _ in range(2)
+    ]
+    assert torch.equal(sample[0], sample[1])
+    nucleus = model.generate(prompt, 8, temperature=1.0, top_p=1e-6)
+    assert torch.equal(nucleus, model.generate(prompt, 8))
+    assert model.training
+
+
+def test_generate_rejects_bad_arguments():
+    model = _model(max_seq_len=16)
+    prompt = torch.zeros(1, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="^max_new_tokens: "):
+        model.generate(prompt, 13)
+    with pytest.raises(ValueError, match="^top_p: "):
+        model.generate(prompt, 2, top_p=0.0)
+    with pytest.raises(ValueError, match="^temperature: "):
+        model.generate(prompt, 2, temperature=-1.0)
