@@ -1,18 +1,123 @@
 """Typed config of the ``prepare`` stage (section ``data`` of the config tree).
 
-STUB written by the coordinator: the data-preparation work owns and extends it.
+Everything that changes the bytes of the output is part of the dataset
+fingerprint; ``RUNTIME_ONLY`` lists the keys that only change how fast it runs
+(parallelism, batch sizes) or how storage is reached (credentials), which are
+left out of it so that a rerun on a bigger machine is still a cache hit.
 """
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+RUNTIME_ONLY = ("num_workers", "batch_size", "s3")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
-class PrepareConfig(BaseModel):
+class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    name: str = "python-docs"
-    inputs: list[str] = Field(default_factory=lambda: ["builtin://python-docs"])
+
+class CleanConfig(_Section):
+    """Normalisation is always on (NFC, control characters out); the filters can be tuned."""
+
+    min_chars: int = Field(1, ge=1, description="Shorter documents are quarantined (too_short).")
+    max_chars: int = Field(
+        1_000_000, ge=1, description="Longer documents are quarantined (too_long)."
+    )
+    quality_filters: bool = Field(True, description="Repetition and alphabetic-ratio heuristics.")
+    max_repeated_line_fraction: float = Field(
+        0.3, gt=0, le=1, description="Gopher (Rae et al. 2021): chars in duplicated lines."
+    )
+    min_alpha_fraction: float = Field(
+        0.25, ge=0, le=1, description="Letters / non-space characters; catches tables and dumps."
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> CleanConfig:
+        if self.min_chars > self.max_chars:
+            raise ValueError(
+                f"data.clean.min_chars: must be <= max_chars ({self.max_chars}), got {self.min_chars}"
+            )
+        return self
+
+
+class SpecialTokens(_Section):
+    pad: str = "<pad>"
+    bos: str = "<bos>"
+    eos: str = "<eos>"
+
+
+class S3Options(_Section):
+    """Overrides of the standard AWS variables (``AWS_ENDPOINT_URL`` etc.); never logged."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    key: SecretStr | None = None
+    secret: SecretStr | None = None
+    anon: bool = False
+
+
+class PrepareConfig(_Section):
+    name: str = Field("python-docs", description="Dataset name: a folder under datasets/.")
+    inputs: list[str] = Field(
+        default_factory=lambda: ["builtin://python-docs"],
+        description="Files, folders, globs, s3://, hf://datasets/..., builtin://python-docs.",
+    )
     seq_len: int = Field(256, gt=0)
     vocab_size: int = Field(8192, ge=256)
     val_fraction: float = Field(0.02, ge=0.0, lt=1.0)
+
+    text_field: str = Field("text", description="JSON key / Parquet column holding the text.")
+    txt_split: Literal["file", "paragraph"] = Field(
+        "file", description="A .txt file is one document, or one per blank-line paragraph."
+    )
+    clean: CleanConfig = CleanConfig()
+    dedup: bool = Field(True, description="Drop exact duplicates (after cleaning) corpus-wide.")
+    max_documents: int | None = Field(
+        None, gt=0, description="Keep the first N documents (stable order) after dedup."
+    )
+
+    tokenizer: str | None = Field(
+        None, description="tokenizer.json or a folder holding one; None = train byte-level BPE."
+    )
+    tokenizer_sample_chars: int = Field(
+        10_000_000, gt=0, description="Characters (stable order) the BPE is trained on."
+    )
+    special_tokens: SpecialTokens = SpecialTokens()
+
+    shard_rows: int = Field(8192, gt=0, description="Packed rows per Parquet shard.")
+    num_workers: int | None = Field(
+        None, gt=0, description="Tokenizer actors; None = one per CPU of the Ray cluster."
+    )
+    batch_size: int = Field(256, gt=0, description="Documents per tokenizer call.")
+    s3: S3Options = S3Options()
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError(f"must be letters, digits, '.', '_' or '-', got {v!r}")
+        return v
+
+    @field_validator("inputs")
+    @classmethod
+    def _inputs(cls, v: list[str]) -> list[str]:
+        if not v or any(not s.strip() for s in v):
+            raise ValueError(f"must be a non-empty list of URIs, got {v!r}")
+        return v
+
+    @property
+    def row_len(self) -> int:
+        return self.seq_len + 1
+
+    def fingerprint_view(self) -> dict[str, Any]:
+        """The keys that decide the output bytes (see ``RUNTIME_ONLY``)."""
+        return self.model_dump(mode="json", exclude=set(RUNTIME_ONLY))
+
+    def public_view(self) -> dict[str, Any]:
+        """The resolved config as written to the manifest (``SecretStr`` dumps as stars)."""
+        return self.model_dump(mode="json")

@@ -5,5 +5,17 @@ class PipelineError(ValueError):
     """Bad input path, bad option or unreadable dataset: the message names it."""
 
 
+class InputNotFoundError(PipelineError):
+    """An input URI names nothing: no file, no folder, no glob match."""
+
+
+class ManifestError(PipelineError):
+    """No committed dataset at a URI, or its manifest is not one this code can read."""
+
+
 class ChecksumError(PipelineError):
     """A shard's bytes do not match the sha256 its manifest recorded."""
+
+
+class StorageError(PipelineError):
+    """A write to storage did not land as written (size or listing mismatch)."""

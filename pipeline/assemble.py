@@ -1,0 +1,97 @@
+"""The driver's single ordered pass: quarantine, dedup, split, pack, write.
+
+Everything order-dependent happens here, on the stream that the parallel
+stages deliver in input order, which is what makes the output identical at
+any parallelism. It holds one packer carry and one pending shard per split,
+so memory does not grow with the corpus (besides the dedup hashes).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.config import PrepareConfig
+from pipeline.dedup import Deduper
+from pipeline.manifest import SPLITS
+from pipeline.pack import Packer
+from pipeline.quarantine import QuarantineWriter
+from pipeline.writer import ShardWriter
+
+_QUARANTINE_COLUMNS = ["reason", "source", "line", "offset", "detail", "text"]
+
+
+def val_threshold(val_fraction: float) -> np.uint64:
+    """Documents whose unsigned hash falls below this go to val."""
+    return np.uint64(min(int(val_fraction * 2**64), 2**64 - 1))
+
+
+class Assembler:
+    def __init__(self, cfg: PrepareConfig, dataset_uri: str, dtype: np.dtype):
+        self.cfg = cfg
+        self.dedup = Deduper(cfg.dedup)
+        self.quarantine = QuarantineWriter(dataset_uri, cfg.s3)
+        self.packers = {s: Packer(cfg.row_len, dtype) for s in SPLITS}
+        self.writers = {
+            s: ShardWriter(dataset_uri, s, cfg.row_len, dtype, cfg.shard_rows, cfg.s3)
+            for s in SPLITS
+        }
+        self.documents = dict.fromkeys(SPLITS, 0)
+        self.records_in = 0
+        self.done = False
+        self._val = val_threshold(cfg.val_fraction)
+
+    @property
+    def kept(self) -> int:
+        return sum(self.documents.values())
+
+    def consume(self, table: pa.Table) -> None:
+        if self.done or table.num_rows == 0:
+            return
+        ok = pc.is_null(table.column("reason")).to_numpy(zero_copy_only=False)
+        good_rows = np.flatnonzero(ok)
+        hashes = table.column("hash").to_numpy()[good_rows]
+        budget = None if self.cfg.max_documents is None else self.cfg.max_documents - self.kept
+        keep, consumed = self.dedup.select(hashes, budget)
+        if consumed < len(hashes) or (budget is not None and keep.sum() == budget):
+            self.done = True
+            end = int(good_rows[consumed - 1]) + 1
+            table, ok = table.slice(0, end), ok[:end]
+            good_rows, hashes, keep = good_rows[:consumed], hashes[:consumed], keep[:consumed]
+        self.records_in += table.num_rows
+        self._quarantine(table.filter(pa.array(~ok)))
+        ids = table.column("ids").take(pa.array(good_rows))
+        is_val = hashes.view(np.uint64) < self._val
+        for split, mask in (("train", keep & ~is_val), ("val", keep & is_val)):
+            self._pack(split, ids.filter(pa.array(mask)))
+            self.documents[split] += int(mask.sum())
+
+    def _quarantine(self, rejected: pa.Table) -> None:
+        for record in rejected.select(_QUARANTINE_COLUMNS).to_pylist():
+            self.quarantine.add(record)
+
+    def _pack(self, split: str, ids: pa.ChunkedArray) -> None:
+        flat = pc.list_flatten(ids).to_numpy(zero_copy_only=False)
+        if len(flat):
+            self.writers[split].add(self.packers[split].add(flat))
+
+    def finish(self) -> dict[str, Any]:
+        splits = {}
+        for split in SPLITS:
+            shards = self.writers[split].close()
+            splits[split] = {
+                "documents": self.documents[split],
+                "tokens": sum(s["tokens"] for s in shards),
+                "rows": sum(s["rows"] for s in shards),
+                "remainder_tokens": self.packers[split].remainder,
+                "shards": shards,
+            }
+        return {
+            "splits": splits,
+            "quarantine": self.quarantine.close(),
+            "duplicates_removed": self.dedup.removed,
+            "records_in": self.records_in,
+        }

@@ -1,0 +1,209 @@
+"""Turn one source file into records, quarantining bad ones without giving up on the file.
+
+A record is ``(text, line, offset, reason, detail)``: ``reason`` is None for
+a usable document, else a code from ``pipeline.quarantine.REASONS``; ``line``
+(1-based; the element index in a JSON array, the row in Parquet) and
+``offset`` (byte offset in the decompressed stream) say where it came from. A
+bad line never stops the lines after it; damage that ends a file (truncated
+gzip/zstd, I/O error) keeps every record before it and adds one record for it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import builtin_corpus
+from pipeline.compression import BinaryFile, Damage, LineSplitter, decompressed_chunks, open_raw
+from pipeline.config import PrepareConfig
+from pipeline.quarantine import snippet
+from pipeline.sources import SourceFile
+
+Record = tuple[str | None, int | None, int | None, str | None, str | None]
+BINARY_PROBE = 8192
+TOO_LONG_LINE = "line longer than 4 * data.clean.max_chars bytes"
+
+
+def read_records(src: SourceFile, cfg: PrepareConfig) -> Iterator[Record]:
+    if src.format == "unsupported":
+        name = src.uri.rsplit("/", 1)[-1]
+        yield None, None, None, "unsupported_format", f"unknown suffix: {name}"
+        return
+    reader = {"txt": _txt, "jsonl": _jsonl, "json": _json, "parquet": _parquet, "pydoc": _pydoc}
+    try:
+        yield from reader[src.format](src, cfg)
+    except Damage as e:
+        yield None, e.line, e.offset, e.reason, e.detail
+    except OSError as e:
+        yield None, None, None, "unreadable_file", _describe(e)
+
+
+def _describe(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"[:300]
+
+
+def _max_bytes(cfg: PrepareConfig) -> int:
+    """A UTF-8 character is at most 4 bytes: a longer byte string cannot pass ``max_chars``."""
+    return 4 * cfg.clean.max_chars + 4
+
+
+def _decode(data: bytes, line: int | None, offset: int | None) -> Record:
+    try:
+        return data.decode("utf-8"), line, offset, None, None
+    except UnicodeDecodeError as e:
+        bad = None if offset is None else offset + e.start
+        return snippet(data.decode("utf-8", errors="replace")), line, bad, "invalid_utf8", e.reason
+
+
+def _text_chunks(src: SourceFile, cfg: PrepareConfig) -> Iterator[bytes]:
+    """Decompressed chunks of a text-like file; a NUL byte up front marks it binary."""
+    with open_raw(src, cfg.s3) as raw:
+        chunks = decompressed_chunks(raw, src.compression)
+        head = b""
+        for chunk in chunks:
+            head += chunk
+            if len(head) >= BINARY_PROBE:
+                break
+        if b"\x00" in head[:BINARY_PROBE]:
+            nul = head.index(b"\x00")
+            raise BinaryFile(f"NUL byte at offset {nul}", line=None, offset=nul)
+        if head:
+            yield head
+        yield from chunks
+
+
+def _lines(src: SourceFile, cfg: PrepareConfig) -> Iterator[tuple[int, int, bytes | None]]:
+    return LineSplitter(_max_bytes(cfg)).lines(_text_chunks(src, cfg))
+
+
+def _txt(src: SourceFile, cfg: PrepareConfig) -> Iterator[Record]:
+    if cfg.txt_split == "paragraph":
+        yield from _paragraphs(src, cfg)
+        return
+    buf = bytearray()
+    limit = _max_bytes(cfg)
+    for chunk in _text_chunks(src, cfg):
+        buf += chunk
+        if len(buf) > limit:
+            yield None, 1, 0, "too_long", f"file longer than {limit} bytes"
+            return
+    yield _decode(bytes(buf), 1, 0)
+
+
+def _paragraphs(src: SourceFile, cfg: PrepareConfig) -> Iterator[Record]:
+    lines: list[bytes] = []
+    first = (1, 0)
+    for line_no, offset, line in _lines(src, cfg):
+        if line is None:
+            yield None, line_no, offset, "too_long", TOO_LONG_LINE
+        elif line.strip():
+            if not lines:
+                first = (line_no, offset)
+            lines.append(line.rstrip(b"\r"))
+            continue
+        if lines:
+            yield _decode(b"\n".join(lines), *first)
+            lines = []
+    if lines:
+        yield _decode(b"\n".join(lines), *first)
+
+
+def _jsonl(src: SourceFile, cfg: PrepareConfig) -> Iterator[Record]:
+    for line_no, offset, line in _lines(src, cfg):
+        if line is None:
+            yield None, line_no, offset, "too_long", TOO_LONG_LINE
+        elif line.strip():
+            yield _json_record(line, line_no, offset, cfg.text_field)
+
+
+def _json_record(line: bytes, line_no: int, offset: int, field: str) -> Record:
+    text, _, bad, reason, detail = _decode(line, line_no, offset)
+    if reason is not None:
+        return text, line_no, bad, reason, detail
+    try:
+        obj = json.loads(text)
+    except ValueError as e:
+        return snippet(text), line_no, offset, "invalid_json", str(e)[:200]
+    return _field(obj, field, snippet(text), line_no, offset)
+
+
+def _field(obj: Any, field: str, raw: str | None, line: int, offset: int | None) -> Record:
+    if not isinstance(obj, dict) or obj.get(field) is None:
+        return raw, line, offset, "missing_field", f"no {field!r} in this record"
+    value = obj[field]
+    if not isinstance(value, str):
+        return raw, line, offset, "non_string_field", f"{field!r} is {type(value).__name__}"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return raw, line, offset, "invalid_utf8", f"lone surrogate in {field!r}: {e.reason}"
+    return value, line, offset, None, None
+
+
+def _json(src: SourceFile, cfg: PrepareConfig) -> Iterator[Record]:
+    """A ``.json`` file is one array of objects (read whole), or else JSON Lines."""
+    head = b""
+    for chunk in _text_chunks(src, cfg):
+        head = chunk.lstrip()
+        if head:
+            break
+    if not head.startswith(b"["):
+        yield from _jsonl(src, cfg)
+        return
+    buf = bytearray()
+    for chunk in _text_chunks(src, cfg):
+        buf += chunk
+        if len(buf) > _max_bytes(cfg):
+            yield None, None, 0, "too_long", f"JSON array file longer than {_max_bytes(cfg)} bytes"
+            return
+    text, _, bad, reason, detail = _decode(bytes(buf), None, 0)
+    if reason is not None:
+        yield text, None, bad, reason, detail
+        return
+    try:
+        items = json.loads(text)
+    except ValueError as e:
+        yield snippet(text), None, 0, "invalid_json", str(e)[:200]
+        return
+    for i, obj in enumerate(items):
+        yield _field(obj, cfg.text_field, snippet(json.dumps(obj)), i + 1, None)
+
+
+def _parquet(src: SourceFile, cfg: PrepareConfig) -> Iterator[Record]:
+    field = cfg.text_field
+    with open_raw(src, cfg.s3, seekable=True) as f:
+        try:
+            pf = pq.ParquetFile(f)
+        except (pa.ArrowException, ValueError) as e:
+            yield None, None, None, "unreadable_file", _describe(e)
+            return
+        kind = pf.schema_arrow.field(field).type if field in pf.schema_arrow.names else None
+        if kind is None:
+            yield None, None, None, "missing_field", f"no column {field!r}"
+            return
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            yield None, None, None, "non_string_field", f"column {field!r} is {kind}"
+            return
+        row = 0
+        for batch in pf.iter_batches(columns=[field], batch_size=1024):
+            for value in batch.column(0).to_pylist():
+                row += 1
+                if value is None:
+                    yield None, row, None, "missing_field", f"null {field!r}"
+                else:
+                    yield value, row, None, None, None
+
+
+def _pydoc(src: SourceFile, cfg: PrepareConfig) -> Iterator[Record]:
+    with open(builtin_corpus.local_path(src.uri), "rb") as f:
+        source = f.read()
+    try:
+        text = builtin_corpus.module_document(source, builtin_corpus.module_name(src.uri))
+    except (SyntaxError, ValueError) as e:
+        yield None, None, None, "unparseable_source", _describe(e)
+        return
+    yield text, None, None, None, None
