@@ -15,7 +15,19 @@ from jobs.errors import JobError
 from jobs.settings import ConfigError
 from pipeline.errors import PipelineError
 
-COMMAND_MODULES = ("demo",)
+COMMAND_MODULES = (
+    "demo",
+    "prepare",
+    "run",
+    "evaluate",
+    "register",
+    "export_hf",
+    "generate",
+    "submit",
+    "jobs_cmds",
+    "schedule",
+    "scheduler",
+)
 
 app = typer.Typer(
     name="moe-pretrain",

@@ -73,7 +73,7 @@ def _gzip_chunks(raw: IO[bytes]) -> Iterator[bytes]:
     with gzip.GzipFile(fileobj=raw) as g:
         while True:
             try:
-                chunk = g.read(CHUNK)
+                chunk = g.read1(CHUNK)
             except (EOFError, gzip.BadGzipFile, zlib.error) as e:
                 raise CorruptCompression(f"gzip: {e} after {out} bytes") from None
             if not chunk:

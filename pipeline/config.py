@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator
 
 RUNTIME_ONLY = ("num_workers", "batch_size", "s3")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -36,13 +36,13 @@ class CleanConfig(_Section):
         0.25, ge=0, le=1, description="Letters / non-space characters; catches tables and dumps."
     )
 
-    @model_validator(mode="after")
-    def _bounds(self) -> CleanConfig:
-        if self.min_chars > self.max_chars:
-            raise ValueError(
-                f"data.clean.min_chars: must be <= max_chars ({self.max_chars}), got {self.min_chars}"
-            )
-        return self
+    @field_validator("max_chars")
+    @classmethod
+    def _bounds(cls, v: int, info: ValidationInfo) -> int:
+        low = info.data.get("min_chars", 1)
+        if v < low:
+            raise ValueError(f"must be >= min_chars ({low})")
+        return v
 
 
 class SpecialTokens(_Section):
@@ -100,14 +100,14 @@ class PrepareConfig(_Section):
     @classmethod
     def _name(cls, v: str) -> str:
         if not _NAME.match(v):
-            raise ValueError(f"must be letters, digits, '.', '_' or '-', got {v!r}")
+            raise ValueError("must be letters, digits, '.', '_' or '-'")
         return v
 
     @field_validator("inputs")
     @classmethod
     def _inputs(cls, v: list[str]) -> list[str]:
         if not v or any(not s.strip() for s in v):
-            raise ValueError(f"must be a non-empty list of URIs, got {v!r}")
+            raise ValueError("must be a non-empty list of URIs")
         return v
 
     @property

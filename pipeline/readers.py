@@ -63,16 +63,21 @@ def _text_chunks(src: SourceFile, cfg: PrepareConfig) -> Iterator[bytes]:
     """Decompressed chunks of a text-like file; a NUL byte up front marks it binary."""
     with open_raw(src, cfg.s3) as raw:
         chunks = decompressed_chunks(raw, src.compression)
-        head = b""
-        for chunk in chunks:
-            head += chunk
-            if len(head) >= BINARY_PROBE:
-                break
+        head, damage = b"", None
+        try:
+            for chunk in chunks:
+                head += chunk
+                if len(head) >= BINARY_PROBE:
+                    break
+        except Damage as e:
+            damage = e
         if b"\x00" in head[:BINARY_PROBE]:
             nul = head.index(b"\x00")
             raise BinaryFile(f"NUL byte at offset {nul}", line=None, offset=nul)
         if head:
             yield head
+        if damage is not None:
+            raise damage
         yield from chunks
 
 

@@ -54,18 +54,21 @@ class Stage:
         raise NotImplementedError
 
 
-def file_groups(sources: list[SourceFile], target_bytes: int = 8 << 20, max_files: int = 256):
-    """Consecutive files bundled into work items of about ``target_bytes``.
+def file_groups(sources: list[SourceFile], max_bytes: int = 8 << 20, max_files: int = 256):
+    """Consecutive files bundled into about 32 work items of at most ``max_bytes``.
 
     Bundling keeps a corpus of many small files (the stdlib) from paying one
-    Ray task per file; consecutive bundles keep the stable order cheap.
+    Ray task per file, while enough bundles remain to keep every worker busy;
+    consecutive bundles keep the stable order cheap.
     """
+    total = sum(max(s.size, 0) for s in sources)
+    target = min(max_bytes, max(1, total // 32))
     group: list[dict] = []
     size = 0
     for src in sources:
         group.append(src.to_dict())
         size += max(src.size, 0)
-        if size >= target_bytes or len(group) >= max_files:
+        if size >= target or len(group) >= max_files:
             yield {"files": json.dumps(group)}
             group, size = [], 0
     if group:
