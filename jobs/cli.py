@@ -18,6 +18,7 @@ from pipeline.errors import PipelineError
 COMMAND_MODULES = (
     "demo",
     "prepare",
+    "train",
     "run",
     "evaluate",
     "register",

@@ -1,0 +1,86 @@
+"""``moe-pretrain train``: Ray Train pretraining; the last stdout line is the final checkpoint URI."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+
+from jobs.commands.options import ConfigOpt, SetOpt
+
+DatasetOpt = Annotated[
+    str, typer.Option("--dataset", "-d", help="Dataset folder (local or s3://), from prepare.")
+]
+PresetOpt = Annotated[str | None, typer.Option("--preset", help="model.preset")]
+StepsOpt = Annotated[int | None, typer.Option("--max-steps", help="train.max_steps")]
+WorkersOpt = Annotated[int | None, typer.Option("--num-workers", help="train.num_workers")]
+RunNameOpt = Annotated[
+    str | None,
+    typer.Option("--run-name", help="Names the Ray Train run, its checkpoints and the MLflow run."),
+]
+StorageOpt = Annotated[str | None, typer.Option("--storage", help="storage.root")]
+CkptOpt = Annotated[int | None, typer.Option("--checkpoint-every", help="train.checkpoint_every")]
+FailuresOpt = Annotated[int | None, typer.Option("--max-failures", help="train.max_failures")]
+SeedOpt = Annotated[int | None, typer.Option("--seed", help="train.seed")]
+TrackingOpt = Annotated[str | None, typer.Option("--tracking-uri", help="tracking.uri")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+
+_FLAG_KEYS = {
+    "preset": "model.preset",
+    "max_steps": "train.max_steps",
+    "num_workers": "train.num_workers",
+    "storage": "storage.root",
+    "checkpoint_every": "train.checkpoint_every",
+    "max_failures": "train.max_failures",
+    "seed": "train.seed",
+    "tracking_uri": "tracking.uri",
+}
+
+
+def flag_overrides(**flags) -> list[str]:
+    """The flags as ``--set`` items, applied after the user's own ``--set`` ones."""
+    return [f"{_FLAG_KEYS[k]}={json.dumps(v)}" for k, v in flags.items() if v is not None]
+
+
+def train(
+    dataset: DatasetOpt,
+    config: ConfigOpt = None,
+    preset: PresetOpt = None,
+    max_steps: StepsOpt = None,
+    num_workers: WorkersOpt = None,
+    run_name: RunNameOpt = None,
+    storage: StorageOpt = None,
+    checkpoint_every: CkptOpt = None,
+    max_failures: FailuresOpt = None,
+    seed: SeedOpt = None,
+    tracking_uri: TrackingOpt = None,
+    overrides: SetOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Pretrain the MoE model on a prepared dataset with Ray Train (resumes a named run)."""
+    from jobs.config import RootConfig
+    from jobs.settings import load_config
+    from jobs.train.driver import train as run_train
+
+    extra = flag_overrides(
+        preset=preset,
+        max_steps=max_steps,
+        num_workers=num_workers,
+        storage=storage,
+        checkpoint_every=checkpoint_every,
+        max_failures=max_failures,
+        seed=seed,
+        tracking_uri=tracking_uri,
+    )
+    cfg = load_config(RootConfig, config, [*(overrides or []), *extra])
+    result = run_train(cfg, dataset, run_name=run_name, progress=not quiet)
+    m = result.metrics
+    typer.echo(f"run {result.run_name}: {result.steps} steps, mlflow run {result.mlflow_run_id}")
+    if "val/loss" in m:
+        typer.echo(f"  val/loss {m['val/loss']:.4f}  val/ppl {m['val/ppl']:.2f}")
+    typer.echo(result.checkpoint_uri)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train")(train)

@@ -1,0 +1,188 @@
+"""The Ray Train driver: validate, build a ``TorchTrainer``, show progress, return the result.
+
+Runs are named: ``{storage.root}/runs/{run_name}`` holds Ray Train's state and
+the checkpoints, and the MLflow run carries the same name. Calling ``train``
+again with the same name resumes from the newest checkpoint (Ray Train reads
+its own snapshot there); before any worker starts, the driver refuses a resume
+onto a different dataset or model, naming which one changed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from jobs.config import RootConfig
+from jobs.errors import JobError
+from jobs.settings import ConfigError
+from jobs.tracking.base import resolve_tracking_uri
+from jobs.train.checkpoint import check_resume
+from jobs.train.runs import latest_checkpoint, ray_storage, runs_uri
+from pipeline.errors import PipelineError
+
+log = logging.getLogger("jobs.train")
+
+
+@dataclass
+class TrainResult:
+    checkpoint_uri: str
+    mlflow_run_id: str | None
+    metrics: dict[str, float] = field(default_factory=dict)
+    steps: int = 0
+    run_name: str = ""
+
+
+def absolute_tracking_uri(uri: str) -> str:
+    """Workers run in other directories: pin a relative SQLite or file store to this one."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+    if "://" not in uri:
+        return Path(uri).resolve().as_uri()
+    return uri
+
+
+def default_run_name(dataset_name: str) -> str:
+    return f"train-{dataset_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def train(
+    cfg: RootConfig,
+    dataset_uri: str,
+    run_name: str | None = None,
+    parent_run_id: str | None = None,
+    init_from: str | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    from pipeline.reader import DatasetReader
+
+    reader = DatasetReader(dataset_uri)
+    model_cfg = cfg.model.build()
+    from jobs.train.loop import _check_fits
+
+    _check_fits(reader, model_cfg)
+    cfg.train.grad_accum(reader.seq_len, cfg.train.num_workers)
+    run_name = run_name or default_run_name(reader.manifest.get("name", "dataset"))
+    runs = runs_uri(cfg.storage.root)
+    run_uri = f"{runs.rstrip('/')}/{run_name}"
+    saved = latest_checkpoint(run_uri)
+    if saved is not None:
+        check_resume(saved.state, reader.fingerprint, model_cfg, saved.uri, saved.model_config)
+        log.info("run %s resumes from %s (step %d)", run_name, saved.uri, saved.state.step)
+    tracking = {
+        "uri": absolute_tracking_uri(resolve_tracking_uri(cfg.tracking.uri)),
+        "experiment": cfg.tracking.experiment,
+        "run_name": run_name,
+        "run_key": run_uri,
+        "parent_run_id": parent_run_id,
+    }
+    loop_config = {
+        "root": cfg.model_dump(mode="json"),
+        "dataset_uri": dataset_uri,
+        "run_uri": run_uri,
+        "tracking": tracking,
+        "init_from": init_from,
+    }
+    out = _fit(cfg, run_name, runs, loop_config, progress)
+    if out.get("aborted"):
+        raise JobError(out["aborted"])
+    return TrainResult(
+        checkpoint_uri=out["checkpoint"],
+        mlflow_run_id=out.get("mlflow_run_id"),
+        metrics=out.get("metrics", {}),
+        steps=out.get("steps", 0),
+        run_name=run_name,
+    )
+
+
+def _fit(
+    cfg: RootConfig, run_name: str, runs: str, loop_config: dict[str, Any], progress: bool
+) -> dict[str, Any]:
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from jobs.train.progress import ProgressBar, progress_sink_actor
+    from jobs.train.ray_worker import train_fn
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS", "local"))
+    t = cfg.train
+    use_gpu = t.use_gpu if t.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    sink = progress_sink_actor()
+    loop_config = {**loop_config, "progress_sink": sink}
+    storage_path, storage_fs = ray_storage(runs)
+    trainer = TorchTrainer(
+        train_fn,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=use_gpu),
+        run_config=ray.train.RunConfig(
+            name=run_name,
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
+            failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_last_k),
+            worker_runtime_env={"env_vars": _forwarded_env()},
+        ),
+    )
+    outcome: dict[str, Any] = {}
+    thread = threading.Thread(target=_run_fit, args=(trainer, outcome), daemon=True)
+    with ProgressBar(t.max_steps, run_name, enabled=progress) as bar:
+        thread.start()
+        while thread.is_alive():
+            thread.join(0.5)
+            bar.update(_poll(sink))
+        bar.update(_poll(sink))
+    ray.kill(sink)
+    if "error" in outcome:
+        raise _user_error(outcome["error"])
+    return outcome["result"].return_value or {}
+
+
+def _run_fit(trainer, outcome: dict[str, Any]) -> None:
+    try:
+        outcome["result"] = trainer.fit()
+    except Exception as e:
+        outcome["error"] = e
+
+
+def _poll(sink) -> dict[str, Any] | None:
+    import ray
+
+    try:
+        return ray.get(sink.get.remote(), timeout=5)
+    except Exception:
+        return None
+
+
+def _forwarded_env() -> dict[str, str]:
+    """MLflow settings of the driver (credentials included: not logged) for rank 0."""
+    return {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
+
+
+def _user_error(err: Exception) -> Exception:
+    """A worker's failure as one line: the user's own error type where it was one."""
+    failures = getattr(err, "worker_failures", None) or {}
+    for rank, failure in sorted(failures.items()):
+        cause = _root_cause(failure)
+        if isinstance(cause, (JobError, PipelineError, ConfigError)):
+            return cause
+        first = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+        return JobError(f"training failed on worker {rank}: {type(cause).__name__}: {first}")
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return JobError(f"training failed: {first}")
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    seen = set()
+    while id(err) not in seen:
+        seen.add(id(err))
+        inner = getattr(err, "cause", None) or err.__cause__
+        if inner is None:
+            return err
+        err = inner
+    return err

@@ -1,0 +1,315 @@
+"""The per-worker training loop. Plain Python: Ray calls it, and so does the benchmark.
+
+Everything a resumed run needs comes from the checkpoint (weights, optimizer,
+``TrainerState``) or is a pure function of (seed, step, rank): data order
+(``Sampler``), learning rate (``lr_at``) and the per-step RNG seed. That is
+why a run killed at any point continues with bit-identical losses on CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from jobs.config import RootConfig
+from jobs.errors import JobError
+from jobs.tracking import NullTracker
+from jobs.tracking.artifacts import RoutingArtifacts
+from jobs.train.checkpoint import (
+    TrainerState,
+    check_resume,
+    config_hash,
+    load_model_weights,
+    load_training_checkpoint,
+    read_state,
+    remove_dir,
+    save_checkpoint,
+)
+from jobs.train.data import TrainBatches, val_batches
+from jobs.train.distributed import all_reduce_sum, parallelize, uses_fsdp
+from jobs.train.env import WorkerEnv
+from jobs.train.monitor import DeadExpertWatch, IntervalStats
+from jobs.train.optim import build_optimizer
+from jobs.train.perf import Meter, peak_flops
+from jobs.train.sampler import Sampler
+from jobs.train.samples import generate_samples
+from jobs.train.schedule import lr_at
+from jobs.train.step import Trainee, evaluate, train_step
+from moe_model import ModelConfig, MoETransformer
+
+log = logging.getLogger("jobs.train")
+
+
+@dataclass
+class Setup:
+    root: RootConfig
+    reader: Any
+    model_cfg: ModelConfig
+    trainee: Trainee
+    state: TrainerState
+    accum: int
+    global_batch: int
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    return (seed * 1_000_003 + step * 10_007 + rank) % (2**63)
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
+def build(
+    root: RootConfig, dataset_uri: str, env: WorkerEnv, init_from: str | None = None
+) -> Setup:
+    from pipeline.reader import DatasetReader
+
+    cfg = root.train
+    reader = DatasetReader(dataset_uri)
+    model_cfg = root.model.build()
+    _check_fits(reader, model_cfg)
+    bf16 = use_bf16(cfg.precision, env.device)
+    torch.manual_seed(cfg.seed)
+    raw = MoETransformer(model_cfg).to(env.device)
+    module = parallelize(
+        raw, cfg.strategy, env.device, bf16, cfg.activation_checkpointing, cfg.compile
+    )
+    optimizer = build_optimizer(module, cfg, fused=env.device.type == "cuda")
+    trainee = Trainee(raw, module, optimizer, env.device, bf16)
+    accum = cfg.grad_accum(reader.seq_len, env.world_size)
+    global_batch = cfg.global_batch_size(reader.seq_len, env.world_size)
+    state = TrainerState(
+        dataset_uri=dataset_uri,
+        dataset_fingerprint=reader.fingerprint,
+        model_config_hash=config_hash(model_cfg),
+        seed=cfg.seed,
+        world_size=env.world_size,
+        global_batch_size=global_batch,
+    )
+    with env.restore_dir() as path:
+        if path is not None:
+            check_resume(read_state(path), reader.fingerprint, model_cfg, path)
+            state = load_training_checkpoint(path, module, optimizer)
+            state.world_size, state.global_batch_size = env.world_size, global_batch
+            log.info("resumed from %s at step %d", path, state.step)
+        elif init_from:
+            load_model_weights(init_from, module, model_cfg)
+    return Setup(root, reader, model_cfg, trainee, state, accum, global_batch)
+
+
+def _check_fits(reader, model_cfg: ModelConfig) -> None:
+    if reader.vocab_size > model_cfg.vocab_size:
+        raise JobError(
+            f"model.vocab_size: {model_cfg.vocab_size} is smaller than the dataset's "
+            f"vocabulary ({reader.vocab_size})"
+        )
+    if reader.seq_len > model_cfg.max_seq_len:
+        raise JobError(
+            f"model.max_seq_len: {model_cfg.max_seq_len} is shorter than the dataset's "
+            f"seq_len ({reader.seq_len})"
+        )
+
+
+def run(
+    root: RootConfig,
+    dataset_uri: str,
+    env: WorkerEnv,
+    tracking=None,
+    init_from: str | None = None,
+) -> dict[str, Any]:
+    """Train until ``train.max_steps``; returns final metrics, or ``aborted`` with a reason."""
+    s = build(root, dataset_uri, env, init_from)
+    tracker = tracking.create() if (tracking is not None and env.rank == 0) else NullTracker()
+    if s.state.step == 0:
+        tracker.log_params(root.model_dump(mode="json"))
+    tracker.set_tags({"dataset_uri": dataset_uri, "dataset_fingerprint": s.reader.fingerprint})
+    status = "FAILED"
+    try:
+        result = Loop(s, env, tracker).run()
+        status = "FAILED" if result.get("aborted") else "FINISHED"
+    finally:
+        tracker.close(status)
+    result["mlflow_run_id"] = getattr(tracker, "run_id", None)
+    return result
+
+
+class Loop:
+    def __init__(self, s: Setup, env: WorkerEnv, tracker) -> None:
+        self.s, self.env, self.tracker = s, env, tracker
+        self.cfg = s.root.train
+        mc = s.model_cfg
+        self.seq_len = s.reader.seq_len
+        self.interval = IntervalStats(mc.num_layers, mc.num_experts)
+        self.dead = DeadExpertWatch(
+            mc.num_layers,
+            mc.num_experts,
+            self.cfg.dead_expert_warn_steps,
+            s.state.expert_idle_steps,
+        )
+        peak = peak_flops(env.device, s.trainee.bf16)
+        self.meter = Meter(mc.flops_per_token(self.seq_len), peak, env.world_size)
+        self.artifact_dir = Path(tempfile.mkdtemp(prefix="moe-train-artifacts-"))
+        self.routing = RoutingArtifacts(self.artifact_dir)
+        self.routing_since_eval = None
+        self.last_checkpoint: str | None = None
+        self.final: dict[str, float] = {}
+
+    def run(self) -> dict[str, Any]:
+        s, cfg = self.s, self.cfg
+        sampler = Sampler(
+            [sh["rows"] for sh in s.reader.shards("train")], cfg.seed, cfg.shuffle_window_shards
+        )
+        loader = TrainBatches(
+            s.reader,
+            sampler,
+            self.env.rank,
+            self.env.world_size,
+            cfg.micro_batch_size,
+            s.accum,
+            s.state.samples_seen,
+            self.env.device,
+            cfg.prefetch_batches,
+        )
+        self.val = val_batches(
+            s.reader, self.env.rank, self.env.world_size, cfg.micro_batch_size, cfg.eval_batches
+        )
+        try:
+            for step in range(s.state.step + 1, cfg.max_steps + 1):
+                aborted = self.one_step(step, loader)
+                if aborted:
+                    return {"aborted": aborted, "steps": s.state.step}
+        finally:
+            loader.close()
+        self.final["check/param_rank_spread"] = self.param_rank_spread()
+        if self.last_checkpoint:
+            self.tracker.set_tags({"checkpoint_uri": self.last_checkpoint})
+        return {
+            "metrics": {k: float(v) for k, v in self.final.items()},
+            "steps": s.state.step,
+            "checkpoint": self.last_checkpoint,
+            "skipped_steps": s.state.skipped_steps,
+        }
+
+    def one_step(self, step: int, loader: TrainBatches) -> str | None:
+        cfg, state, env = self.cfg, self.s.state, self.env
+        torch.manual_seed(step_seed(cfg.seed, step, env.rank))
+        start = time.perf_counter()
+        batches, wait = loader.next_step()
+        poison = step in cfg.inject_nan_steps and env.rank == cfg.inject_nan_rank
+        result = train_step(self.s.trainee, batches, lr_at(step - 1, cfg), cfg.grad_clip, poison)
+        if env.device.type == "cuda":
+            torch.cuda.synchronize(env.device)
+        self.meter.add(self.s.global_batch * self.seq_len, time.perf_counter() - start, wait)
+        state.step = step
+        state.samples_seen += self.s.global_batch
+        state.tokens_seen += self.s.global_batch * self.seq_len
+        self.interval.add(result)
+        if result.skipped:
+            state.skipped_steps += 1
+            state.consecutive_skips += 1
+            log.warning("step %d: non-finite loss or gradient norm, step skipped", step)
+            if state.consecutive_skips >= cfg.max_consecutive_skips:
+                return (
+                    f"{state.consecutive_skips} consecutive non-finite steps (last at step "
+                    f"{step}); last good checkpoint: {self.last_checkpoint or 'none saved yet'}"
+                )
+        else:
+            state.consecutive_skips = 0
+            self.dead.update(result.tokens_le, step)
+            state.expert_idle_steps = self.dead.state()
+            self.routing_since_eval = (
+                result.tokens_le
+                if self.routing_since_eval is None
+                else self.routing_since_eval + result.tokens_le
+            )
+        self.after_step(step)
+        return None
+
+    def after_step(self, step: int) -> None:
+        cfg = self.cfg
+        last = step == cfg.max_steps
+        if step % cfg.log_every == 0 or last:
+            self.log_metrics(step)
+        if step % cfg.eval_every == 0 or last:
+            self.eval_and_samples(step)
+        kill = cfg.inject_kill_step == step and self.env.rank == cfg.inject_kill_rank
+        if kill and self.env.should_kill(step):
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+        if step % cfg.checkpoint_every == 0 or last:
+            self.checkpoint(step)
+
+    def log_metrics(self, step: int) -> None:
+        state = self.s.state
+        metrics = {
+            **self.interval.metrics(),
+            **self.meter.metrics(),
+            "train/lr": lr_at(step - 1, self.cfg),
+            "train/skipped_steps": float(state.skipped_steps),
+            "train/tokens_seen": float(state.tokens_seen),
+        }
+        self.interval.reset()
+        self.meter.reset()
+        self.tracker.log(metrics, step)
+        self.final.update(metrics)
+        self.env.progress(
+            {
+                "step": step,
+                "max_steps": self.cfg.max_steps,
+                "loss": metrics.get("train/loss", math.nan),
+                "tokens_per_s": metrics.get("perf/tokens_per_s", math.nan),
+            }
+        )
+
+    def eval_and_samples(self, step: int) -> None:
+        if self.val:
+            val_loss = evaluate(self.s.trainee, self.val)
+            val = {"val/loss": val_loss, "val/ppl": math.exp(min(val_loss, 50.0))}
+            self.tracker.log(val, step)
+            self.final.update(val)
+        samples = generate_samples(self.s.trainee, self.s.reader, self.cfg, self.artifact_dir, step)
+        if self.env.rank != 0:
+            return
+        if samples is not None:
+            self.tracker.log_artifact(str(samples), "samples")
+        if self.routing_since_eval is not None:
+            self.routing.add(step, self.routing_since_eval)
+            self.routing_since_eval = None
+            self.tracker.log_artifact(str(self.routing.table), "routing")
+            self.tracker.log_artifact(str(self.routing.heatmap), "routing")
+
+    def checkpoint(self, step: int) -> None:
+        local = Path(tempfile.mkdtemp(prefix="moe-ckpt-"))
+        try:
+            t = self.s.trainee
+            save_checkpoint(
+                local, t.module, t.optimizer, self.s.state, self.s.model_cfg, self.env.rank
+            )
+            self.last_checkpoint = self.env.save(local, step, dict(self.final))
+        finally:
+            remove_dir(local)
+
+    def param_rank_spread(self) -> float:
+        """max - min over ranks of a parameter checksum: 0 when all replicas agree."""
+        if uses_fsdp(self.s.trainee.module):
+            return math.nan
+        with torch.no_grad():
+            total = sum(p.detach().double().sum() for p in self.s.trainee.raw.parameters())
+            both = torch.stack([total, -total]).to(self.env.device)
+            if self.env.world_size > 1:
+                import torch.distributed as dist
+
+                dist.all_reduce(both, op=dist.ReduceOp.MAX)
+            return float(both[0] + both[1])
+
+
+__all__ = ["run", "build", "Loop", "step_seed", "use_bf16", "all_reduce_sum"]
