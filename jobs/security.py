@@ -1,37 +1,87 @@
-"""Keep secrets out of tracking and writes inside the storage root.
+"""Keep secrets out of tracking, writes inside the storage root, and pickles out of loaders.
 
 Everything logged to MLflow (params, tags, artifacts) passes through
 ``redact`` first: a credential in a config or a URI never reaches the server.
+Every path that comes from a config or the model registry goes through
+``ensure_within`` before anything is written there. Tensor files are read with
+``safe_torch_load``, which never runs pickled code (``torch.load`` without
+``weights_only=True`` executes arbitrary ``__reduce__`` payloads).
 """
 
 from __future__ import annotations
 
+import io
+import os
+import pickle
+import posixpath
 import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from jobs.errors import JobError
 
 REDACTED = "***"
-# Key names that hold credentials, matched as whole words inside the key
-# (``aws_secret_access_key``, ``token``, ``mlflow_password``), not ``tokenizer``.
-_SECRET_KEY = re.compile(
-    r"(^|[._-])(secret|password|passwd|token|key|credentials?|auth)([._-]|$)", re.IGNORECASE
+# Words that name a credential wherever they appear in a key (``aws_secret_access_key``,
+# ``apiKey``, ``RAY_AUTH_TOKEN``); whole words only, so ``tokenizer`` and ``monkey`` pass.
+_SECRET_WORDS = frozenset(
+    {"secret", "password", "passwd", "passphrase", "token", "key", "apikey", "credential",
+     "credentials", "auth", "authorization", "cookie", "signature"}
+)  # fmt: skip
+# A following word that describes the credential instead of holding it (``RAY_AUTH_MODE``).
+_DESCRIPTOR_NEXT = frozenset(
+    {"mode", "type", "types", "method", "enabled", "count", "len", "length"}
 )
+# In a language-model code base "token" is also the unit of text: ``eos_token_id`` is not a secret.
+_TEXT_TOKEN_NEXT = frozenset({"id", "ids"})
+_WORD = re.compile(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])")
 _URI_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<userinfo>[^/@\s]+)@")
+_URI = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"]+")
+
+
+class PathEscapeError(JobError):
+    """A path from a config or the registry points outside the configured storage root."""
+
+
+class UnsafeLoadError(JobError):
+    """A model or checkpoint file would need unpickling arbitrary objects to load."""
 
 
 def is_secret_key(key: str) -> bool:
-    return bool(_SECRET_KEY.search(key))
+    words = [w.lower() for w in _WORD.findall(key)]
+    for i, word in enumerate(words):
+        if word not in _SECRET_WORDS:
+            continue
+        following = words[i + 1] if i + 1 < len(words) else ""
+        if following in _DESCRIPTOR_NEXT or (word == "token" and following in _TEXT_TOKEN_NEXT):
+            continue
+        return True
+    return False
+
+
+def _redact_query(uri: str) -> str:
+    parts = urlsplit(uri)
+    if not parts.query:
+        return uri
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    if not any(is_secret_key(k) for k, _ in pairs):
+        return uri
+    query = urlencode([(k, REDACTED if is_secret_key(k) else v) for k, v in pairs], safe="*")
+    return urlunsplit(parts._replace(query=query))
 
 
 def redact_uri(value: str) -> str:
-    """``https://user:pw@host/x`` -> ``https://***@host/x``; also inside longer strings."""
-    return _URI_USERINFO.sub(lambda m: f"{m['scheme']}{REDACTED}@", value)
+    """``https://user:pw@host/x?token=t`` -> ``https://***@host/x?token=***``, also inside text."""
+    value = _URI_USERINFO.sub(lambda m: f"{m['scheme']}{REDACTED}@", value)
+    return _URI.sub(lambda m: _redact_query(m.group(0)), value)
 
 
 def redact(value: Any, key: str = "") -> Any:
     """A copy of ``value`` with secret-named keys and URI credentials replaced by ``***``."""
     if key and is_secret_key(key.rsplit(".", 1)[-1]) and value not in (None, ""):
+        return REDACTED
+    if hasattr(value, "get_secret_value"):
         return REDACTED
     if isinstance(value, Mapping):
         return {k: redact(v, str(k)) for k, v in value.items()}
@@ -46,3 +96,74 @@ def strip_query_secrets(uri: str) -> str:
     """Drop a URI's query string (presigned URLs carry signatures there)."""
     parts = urlsplit(uri)
     return urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
+
+
+def _is_remote(uri: str) -> bool:
+    scheme = urlsplit(uri).scheme
+    return len(scheme) > 1 and scheme != "file"  # one letter is a Windows drive
+
+
+def _local(path: str) -> str:
+    return urlsplit(path).path if path.startswith("file://") else path
+
+
+def ensure_within(root: str, path: str) -> str:
+    """``path`` normalised, if it lies inside ``root``; else ``PathEscapeError``.
+
+    Relative paths are taken relative to ``root``. Works for local folders
+    (symlinks resolved, so a link cannot lead out) and for object stores
+    (``s3://bucket/prefix``: same scheme, same bucket, under the prefix).
+    """
+    root, path = str(root), str(path)
+    if not path or "\x00" in path:
+        raise PathEscapeError(f"path {path!r} is empty or contains a NUL byte")
+    if _is_remote(root):
+        return _within_remote(root, path)
+    if _is_remote(path):
+        raise PathEscapeError(f"path {path!r} is outside the storage root {root!r}")
+    base = Path(_local(root)).expanduser().resolve()
+    target = (base / Path(_local(path)).expanduser()).resolve()
+    if target != base and base not in target.parents:
+        raise PathEscapeError(f"path {path!r} is outside the storage root {root!r}")
+    return str(target)
+
+
+def _within_remote(root: str, path: str) -> str:
+    base = urlsplit(root)
+    prefix = posixpath.normpath("/" + base.path.strip("/"))
+    if _is_remote(path):
+        target = urlsplit(path)
+        same_place = (target.scheme, target.netloc) == (base.scheme, base.netloc)
+        key = posixpath.normpath("/" + target.path.lstrip("/"))
+    else:
+        same_place = not path.startswith("/")
+        key = posixpath.normpath(posixpath.join(prefix, path))
+    inside = key == prefix or key.startswith(prefix.rstrip("/") + "/")
+    if not (same_place and inside):
+        raise PathEscapeError(f"path {path!r} is outside the storage root {root!r}")
+    return f"{base.scheme}://{base.netloc}{key}".rstrip("/")
+
+
+def safe_join(root: str, *parts: str) -> str:
+    """``root`` joined with ``parts`` (names from configs, run names...), refused if it escapes."""
+    return ensure_within(root, posixpath.join(*parts) if parts else ".")
+
+
+def safe_torch_load(path: str | os.PathLike | io.IOBase, map_location: str = "cpu") -> Any:
+    """``torch.load(weights_only=True)``: tensors and plain containers only, never pickled code."""
+    import torch
+
+    name = getattr(path, "name", path)
+    source = path
+    if isinstance(path, (str, os.PathLike)) and _is_remote(str(path)):
+        import fsspec
+
+        with fsspec.open(str(path), "rb") as f:
+            source = io.BytesIO(f.read())
+    try:
+        return torch.load(source, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UnsafeLoadError(
+            f"refusing to load {name}: it holds objects other than tensors ({first})"
+        ) from None
