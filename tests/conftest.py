@@ -11,13 +11,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -128,3 +133,88 @@ def mlflow_server(tmp_path_factory):
 def mlflow_uri(mlflow_server, monkeypatch) -> str:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     return mlflow_server
+
+
+@dataclass
+class RayCluster:
+    address: str  # dashboard URL, what the Jobs API is reached at
+    token: str  # RAY_AUTH_TOKEN the cluster requires (token auth is on)
+    temp_dir: Path
+
+
+def _ray_cluster_pids(temp_dir: Path) -> list[int]:
+    """Processes of THIS cluster: their command lines name its private temp dir."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and str(temp_dir) in (proc / "cmdline").read_text():
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real Ray head (``ray start --head --block``) with the Jobs API and token auth.
+
+    Every port is picked free so it never meets another cluster on this machine.
+    Stopped by killing ITS process group (and any process naming its temp dir):
+    never ``ray stop``, which would kill every Ray on the machine.
+    """
+    temp = Path(tempfile.mkdtemp(prefix="rc", dir="/tmp"))  # short: Ray's socket paths live here
+    ports = {
+        k: free_port() for k in ("port", "dash", "client", "listen", "grpc", "rtenv", "metrics")
+    }
+    cmd = [
+        str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
+        "--port", str(ports["port"]), "--dashboard-host", "127.0.0.1",
+        "--dashboard-port", str(ports["dash"]), "--include-dashboard", "true",
+        "--ray-client-server-port", str(ports["client"]),
+        "--dashboard-agent-listen-port", str(ports["listen"]),
+        "--dashboard-agent-grpc-port", str(ports["grpc"]),
+        "--runtime-env-agent-port", str(ports["rtenv"]),
+        "--metrics-export-port", str(ports["metrics"]),
+        "--num-cpus", "2", "--temp-dir", str(temp), "--disable-usage-stats",
+    ]  # fmt: skip
+    token = uuid.uuid4().hex
+    # PATH as in an activated venv: job entrypoints run ``python`` from the cluster's env.
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "PATH": path}
+    env.pop("RAY_ADDRESS", None)
+    address = f"http://127.0.0.1:{ports['dash']}"
+    with open(temp / "start.log", "w") as log:
+        proc = subprocess.Popen(
+            cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            _wait_jobs_api(address, token, proc, timeout=240)
+            yield RayCluster(address, token, temp)
+        finally:
+            _kill_cluster(proc, temp)
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+def _kill_cluster(proc: subprocess.Popen, temp: Path) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    for pid in _ray_cluster_pids(temp):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+def _wait_jobs_api(address: str, token: str, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    request = urllib.request.Request(
+        f"{address}/api/jobs/", headers={"Authorization": f"Bearer {token}"}
+    )
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"ray start exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(request, timeout=5):
+                return
+        except OSError:
+            time.sleep(1)
+    raise TimeoutError(f"Ray Jobs API at {address} not up within {timeout}s")

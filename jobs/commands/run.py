@@ -1,0 +1,49 @@
+"""``moe-pretrain run``: prepare -> train -> evaluate -> register; last stdout line = model URI."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from jobs.commands.options import ConfigOpt, SetOpt
+
+ForceOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--force",
+        "-f",
+        help="Rerun a stage even if cached: prepare, train, evaluate, register (repeatable).",
+    ),
+]
+ConfigJsonOpt = Annotated[
+    str | None,
+    typer.Option("--config-json", hidden=True, help="Inline config tree (submitted jobs)."),
+]
+
+
+def run(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    force: ForceOpt = None,
+    config_json: ConfigJsonOpt = None,
+) -> None:
+    """Run the whole pipeline as one tracked MLflow run; cached stages are skipped."""
+    from jobs.service.cli_support import load_root
+    from jobs.service.dag import check_force, run_pipeline
+
+    cfg = load_root(config, set_, config_json)
+    result = run_pipeline(cfg, force=check_force(force or ()))
+    for stage in result.stages:
+        state = "cache hit" if stage.cache_hit else "ran"
+        typer.echo(f"{stage.name:<9} {state:<9} {stage.fingerprint}", err=True)
+    for key in ("val/loss", "heldout/loss", "val/perplexity"):
+        if key in result.metrics:
+            typer.echo(f"{key} = {result.metrics[key]:.4f}", err=True)
+    champion = "became champion" if result.became_champion else "champion unchanged"
+    typer.echo(f"pipeline run {result.parent_run_id}; {champion}", err=True)
+    typer.echo(result.model_uri)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("run")(run)

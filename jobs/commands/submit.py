@@ -1,0 +1,48 @@
+"""``moe-pretrain submit``: run the pipeline as a Ray job; last stdout line = submission id."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from jobs.commands.options import ConfigOpt, SetOpt
+
+AddressOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--address", "-a", help="Ray dashboard URL (http://HEAD:8265); default cluster.address."
+    ),
+]
+
+
+def submit(
+    address: AddressOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    submission_id: str | None = typer.Option(
+        None, "--submission-id", help="Default: Ray picks one."
+    ),
+    follow: bool = typer.Option(False, "--follow", help="Stream the job's logs until it ends."),
+) -> None:
+    """Submit `moe-pretrain run` with this config to a Ray cluster."""
+    from jobs.service import submit as sub
+    from jobs.service.cli_support import load_root, raw_tree
+
+    tree = raw_tree(config, set_)
+    cfg = load_root(config, set_)
+    addr = sub.resolve_address(address, cfg.cluster)
+    sid, dropped = sub.submit_run(tree, cfg.cluster, addr, submission_id=submission_id)
+    for key in dropped:
+        typer.echo(f"warning: {key} not shipped to the cluster (a credential)", err=True)
+    typer.echo(
+        f"submitted to {addr}; follow with: moe-pretrain logs {sid} --follow -a {addr}", err=True
+    )
+    if follow:
+        sub.follow_logs(addr, sid, write=lambda s: typer.echo(s, nl=False, err=True))
+        typer.echo(f"status: {sub.job_info(addr, sid).status}", err=True)
+    typer.echo(sid)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("submit")(submit)

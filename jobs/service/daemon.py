@@ -1,0 +1,101 @@
+"""The ``moe-pretrain scheduler`` daemon: APScheduler fed from the schedules table.
+
+The daemon is the only writer of APScheduler's job table: every
+``schedule.poll_seconds`` it brings the jobs in line with the ``schedules``
+table that the CLI edits (added, removed, paused, resumed) and asks Ray how
+the active runs are doing. ``stop`` (a ``threading.Event``) ends it cleanly;
+SIGTERM and Ctrl-C do too.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import timezone
+
+from jobs.service.config import ScheduleConfig
+from jobs.service.schedule_store import ScheduleStore
+from jobs.service.scheduler import FIRE, log, make_trigger, refresh_all
+
+
+def stamped_executor(max_workers: int = 4):
+    """A thread pool that hands ``fire`` the scheduled time it runs for.
+
+    APScheduler 3 calls jobs with their stored arguments only; the scheduled
+    time (what the deterministic submission id is made of) reaches executors
+    alone, through ``_do_submit_job``: the documented hook for custom executors.
+    """
+    from apscheduler.executors.pool import ThreadPoolExecutor
+    from apscheduler.job import Job
+
+    class StampedExecutor(ThreadPoolExecutor):
+        def _do_submit_job(self, job, run_times):
+            stamped = Job.__new__(Job)
+            stamped.__setstate__(job.__getstate__())
+            stamped._scheduler = job._scheduler
+            stamped._jobstore_alias = job._jobstore_alias
+            stamped.kwargs = {**job.kwargs, "scheduled_time": run_times[-1]}
+            super()._do_submit_job(stamped, run_times[-1:])
+
+    return StampedExecutor(max_workers)
+
+
+def build_scheduler(store: ScheduleStore):
+    from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
+    from apscheduler.schedulers.background import BackgroundScheduler
+
+    return BackgroundScheduler(
+        jobstores={"default": SQLAlchemyJobStore(url=store.url)},
+        executors={"default": stamped_executor()},
+        job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
+        timezone=timezone.utc,
+    )
+
+
+def sync(scheduler, store: ScheduleStore) -> None:
+    """Make APScheduler's jobs match the schedules table."""
+    wanted = {s.name: s for s in store.list()}
+    jobs = {j.id: j for j in scheduler.get_jobs()}
+    for name in jobs.keys() - wanted.keys():
+        scheduler.remove_job(name)
+        log.info("%s: removed", name)
+    for name, sched in wanted.items():
+        job = jobs.get(name)
+        if job is None:
+            job = scheduler.add_job(
+                FIRE, make_trigger(sched.trigger), id=name, name=name,
+                args=[name, str(store.path)], replace_existing=True,
+            )  # fmt: skip
+            log.info("%s: added (%s)", name, sched.describe())
+        elif str(job.trigger) != str(make_trigger(sched.trigger)):
+            job = job.reschedule(make_trigger(sched.trigger))
+            log.info("%s: rescheduled (%s)", name, sched.describe())
+        if sched.paused and job.next_run_time is not None:
+            job.pause()
+            log.info("%s: paused", name)
+        elif not sched.paused and job.next_run_time is None:
+            job.resume()
+            log.info("%s: resumed", name)
+
+
+def run_daemon(cfg: ScheduleConfig, stop: threading.Event | None = None) -> None:
+    store = ScheduleStore(cfg.store)
+    stop = stop or threading.Event()
+    scheduler = build_scheduler(store)
+    scheduler.start(paused=True)
+    try:
+        sync(scheduler, store)
+        scheduler.resume()
+        log.info("scheduler up: store %s, %d schedule(s)", store.path, len(store.list()))
+        while not stop.wait(cfg.poll_seconds):
+            sync(scheduler, store)
+            refresh_all(store)
+            scheduler.wakeup()
+    finally:
+        scheduler.shutdown(wait=True)
+        log.info("scheduler down")
+
+
+def configure_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)

@@ -1,0 +1,152 @@
+"""A model as a Hugging Face folder: what the registry stores and what users download.
+
+Files: ``config.json`` + ``model.safetensors`` (``moe_model.hf.save_hf``, a
+``MixtralForCausalLM`` checkpoint), ``tokenizer.json`` with
+``tokenizer_config.json`` and ``special_tokens_map.json`` (so
+``AutoTokenizer.from_pretrained`` works), and ``generation_config.json``.
+Nothing in the folder is a pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from jobs.errors import JobError
+
+REQUIRED = ("config.json", "tokenizer.json")
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # MoETransformer
+    tokenizer: Any  # tokenizers.Tokenizer
+    generation: dict[str, Any]
+    folder: Path
+
+
+def special_token_strings(tokenizer, special_ids: dict[str, int]) -> dict[str, str]:
+    return {k: tokenizer.id_to_token(v) for k, v in special_ids.items() if v is not None}
+
+
+def write_hf_folder(
+    model, tokenizer_file: str | Path, out_dir: str | Path, special_ids: dict[str, int]
+) -> Path:
+    """Write the folder; ``special_ids`` maps ``bos``/``eos``/``pad`` to token ids."""
+    from tokenizers import Tokenizer
+
+    from moe_model.hf import save_hf
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_hf(model, out, extra_config={f"{k}_token_id": v for k, v in special_ids.items()})
+    shutil.copyfile(tokenizer_file, out / "tokenizer.json")
+    names = special_token_strings(Tokenizer.from_file(str(out / "tokenizer.json")), special_ids)
+    tokens = {f"{k}_token": v for k, v in names.items()}
+    _write_json(out / "special_tokens_map.json", tokens)
+    _write_json(
+        out / "tokenizer_config.json",
+        {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "model_max_length": model.config.max_seq_len,
+            **tokens,
+        },
+    )
+    _write_json(
+        out / "generation_config.json",
+        {
+            **{f"{k}_token_id": v for k, v in special_ids.items()},
+            "do_sample": False,
+            "max_length": model.config.max_seq_len,
+        },
+    )
+    return out
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+
+def resolve_model(uri: str, dst: str | Path | None = None, tracking_uri: str | None = None) -> Path:
+    """A local folder for ``uri``: a folder as is, else an MLflow download.
+
+    ``models:/NAME/VERSION``, ``models:/NAME@ALIAS``, ``runs:/ID/model`` and any
+    artifact URI MLflow can read are accepted.
+    """
+    local = Path(uri)
+    if "://" not in uri and not uri.startswith(("models:", "runs:")):
+        if not local.is_dir():
+            raise JobError(f"model folder not found: {uri}")
+        return local
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    dst = Path(dst) if dst else Path(tempfile.mkdtemp(prefix="moe-model-"))
+    try:
+        path = mlflow.artifacts.download_artifacts(
+            artifact_uri=uri, dst_path=str(dst), tracking_uri=tracking_uri
+        )
+    except MlflowException as e:
+        raise JobError(f"cannot load model {uri}: {e.message.splitlines()[0]}") from None
+    return Path(path)
+
+
+def load_hf_folder(folder: str | Path) -> LoadedModel:
+    from tokenizers import Tokenizer
+
+    from moe_model.hf import load_hf
+
+    folder = Path(folder)
+    missing = [f for f in REQUIRED if not (folder / f).is_file()]
+    if missing:
+        raise JobError(f"{folder} is not a model folder: missing {', '.join(missing)}")
+    model = load_hf(folder)
+    model.eval()
+    gen_file = folder / "generation_config.json"
+    generation = json.loads(gen_file.read_text()) if gen_file.is_file() else {}
+    return LoadedModel(
+        model, Tokenizer.from_file(str(folder / "tokenizer.json")), generation, folder
+    )
+
+
+def load_model(uri: str, tracking_uri: str | None = None) -> LoadedModel:
+    return load_hf_folder(resolve_model(uri, tracking_uri=tracking_uri))
+
+
+def export_folder(uri: str, out: str | Path, tracking_uri: str | None = None) -> Path:
+    """Copy the model's files into ``out`` (new or empty), checking they form a model folder."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise JobError(f"--out {out}: folder is not empty")
+    with tempfile.TemporaryDirectory() as tmp:
+        src = resolve_model(uri, dst=tmp, tracking_uri=tracking_uri)
+        missing = [f for f in (*REQUIRED, "generation_config.json") if not (src / f).is_file()]
+        if missing or not list(src.glob("*.safetensors")):
+            raise JobError(
+                f"{uri} is not a model folder: missing {', '.join(missing) or 'weights'}"
+            )
+        shutil.copytree(src, out, dirs_exist_ok=True)
+    return out
+
+
+def generate_text(
+    loaded: LoadedModel, prompt: str, max_new_tokens: int, temperature: float = 0.0,
+    top_p: float = 1.0, seed: int | None = None,
+) -> str:  # fmt: skip
+    """The continuation of ``prompt`` (without the prompt), stopping at EOS."""
+    import torch
+
+    ids = loaded.tokenizer.encode(prompt).ids
+    if not ids:
+        raise JobError("--prompt: encodes to no tokens")
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    with torch.no_grad():
+        seq = loaded.model.generate(
+            torch.tensor([ids]), max_new_tokens=max_new_tokens, temperature=temperature,
+            top_p=top_p, eos_token_id=loaded.generation.get("eos_token_id"), generator=gen,
+        )  # fmt: skip
+    return loaded.tokenizer.decode(seq[0, len(ids) :].tolist())

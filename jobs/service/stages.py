@@ -1,0 +1,151 @@
+"""The data and training stages of the DAG, each skipped when its committed output exists.
+
+Each stage returns a ``StageOutcome`` naming what it produced, which is what
+the next stage's fingerprint hashes: a forced rerun upstream gives new
+outputs, so everything downstream reruns too.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from jobs.errors import JobError
+from jobs.service.cache import StageCache
+from jobs.service.lineage import dataset_lineage, stable_hash
+from jobs.service.tracking import CACHE_HIT_TAG, Runs
+
+
+@dataclass
+class Context:
+    cfg: Any  # RootConfig
+    runs: Runs
+    cache: StageCache
+    parent_run_id: str | None = None
+    force: frozenset[str] = frozenset()
+    lineage: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class StageOutcome:
+    name: str
+    cache_hit: bool
+    fingerprint: str
+    run_id: str | None
+    outputs: dict[str, Any]
+
+
+def ensure_ray() -> None:
+    """Join the cluster a Ray job runs in (``RAY_ADDRESS``), else start a local Ray.
+
+    Never ``address="auto"`` outside a job: a cluster some ``ray start`` left
+    on this machine must not receive work by accident.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=True)
+
+
+def prepare_stage(ctx: Context) -> StageOutcome:
+    from pipeline.prepare import prepare
+    from pipeline.storage import filesystem, join
+
+    cfg = ctx.cfg
+    result = prepare(cfg.data, cfg.storage.root)
+    if "prepare" in ctx.force and result.cache_hit:
+        # The manifest is the commit marker: without it, prepare rebuilds in place.
+        fs, path = filesystem(join(result.uri, "manifest.json"), cfg.data.s3)
+        fs.rm(path)
+        result = prepare(cfg.data, cfg.storage.root)
+    manifest = result.manifest
+    ctx.lineage.update(dataset_lineage(manifest, result.uri))
+    tags = {CACHE_HIT_TAG: str(result.cache_hit).lower(), **ctx.lineage}
+    with ctx.runs.stage("prepare", ctx.parent_run_id, tags) as run_id:
+        splits = manifest.get("splits", {})
+        ctx.runs.log_metrics(
+            run_id,
+            {
+                **{f"data/{s}_{k}": v[k] for s, v in splits.items() for k in ("tokens", "rows")},
+                "data/quarantined": manifest.get("quarantine", {}).get("total", 0),
+                "data/duplicates_removed": manifest.get("duplicates_removed", 0),
+                "data/seconds": result.seconds,
+            },
+        )
+    outputs = {"dataset_uri": result.uri, "manifest": manifest}
+    return StageOutcome("prepare", result.cache_hit, manifest["fingerprint"], run_id, outputs)
+
+
+def resolve_init(ctx: Context, manifest: dict[str, Any]) -> tuple[str | None, str | None]:
+    """``train.init_from`` as (checkpoint the trainer loads, identity for the fingerprint).
+
+    ``champion`` resolves to the training checkpoint the current champion was
+    registered from (its ``lineage.checkpoint_uri``); with no champion yet,
+    training starts from scratch.
+    """
+    from jobs.service.registry import CHAMPION, version_by_alias
+
+    init = getattr(ctx.cfg.train, "init_from", None)
+    if not init or init != CHAMPION:
+        return init or None, init or None
+    name = ctx.cfg.registry.model_name
+    mv = version_by_alias(ctx.runs.client, name, CHAMPION)
+    if mv is None:
+        return None, None
+    theirs = mv.tags.get("lineage.tokenizer_sha256")
+    ours = manifest.get("tokenizer", {}).get("sha256")
+    if theirs and ours and theirs != ours:
+        raise JobError(
+            f"train.init_from: champion {name} v{mv.version} was trained with tokenizer "
+            f"{theirs[:12]}, the dataset has {ours[:12]}"
+        )
+    checkpoint = mv.tags.get("lineage.checkpoint_uri", "")
+    if not checkpoint or not ctx.cache.exists(checkpoint):
+        raise JobError(
+            f"train.init_from: the checkpoint of champion {name} v{mv.version} is gone "
+            f"({checkpoint or 'not recorded'})"
+        )
+    return checkpoint, f"models:/{name}/{mv.version}"
+
+
+def train_stage(ctx: Context, data: StageOutcome) -> StageOutcome:
+    from jobs.train.driver import train
+
+    cfg = ctx.cfg
+    init_path, init_id = resolve_init(ctx, data.outputs["manifest"])
+    fp = stable_hash(
+        {
+            "dataset": data.fingerprint,
+            "model": cfg.model.build().to_dict(),
+            "train": cfg.train.model_dump(mode="json"),
+            "init_from": init_id,
+        }
+    )
+    hit = None
+    if "train" not in ctx.force:
+        hit = ctx.cache.lookup("train", fp, lambda r: ctx.cache.exists(r["checkpoint_uri"]))
+    if hit is not None:
+        tags = {CACHE_HIT_TAG: "true", "moe.cached_from_run": hit["mlflow_run_id"]}
+        with ctx.runs.stage("train", ctx.parent_run_id, tags) as run_id:
+            ctx.runs.log_metrics(run_id, hit["metrics"], step=hit["steps"])
+        return StageOutcome("train", True, fp, hit["mlflow_run_id"], hit)
+    # A forced rerun gets a fresh run name, so the trainer does not resume the old one.
+    suffix = f"-{int(time.time())}" if "train" in ctx.force else ""
+    result = train(
+        cfg,
+        data.outputs["dataset_uri"],
+        run_name=f"train-{fp}{suffix}",
+        parent_run_id=ctx.parent_run_id,
+        init_from=init_path,
+    )
+    record = {
+        "checkpoint_uri": result.checkpoint_uri,
+        "mlflow_run_id": result.mlflow_run_id,
+        "metrics": {k: float(v) for k, v in result.metrics.items()},
+        "steps": int(result.steps),
+        "init_from": init_id,
+    }
+    ctx.cache.commit("train", fp, record)
+    return StageOutcome("train", False, fp, result.mlflow_run_id, record)

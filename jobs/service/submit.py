@@ -1,0 +1,210 @@
+"""Run the pipeline as a Ray job: submit, status, logs, stop (Ray Jobs SDK).
+
+The job runs ``python -m jobs.service run`` from a copy of the working
+directory (``runtime_env.working_dir``, minus ``cluster.excludes``), with the
+config tree shipped inline, so a config file does not have to exist on the
+cluster. Keys that hold credentials are never shipped: the entrypoint and
+runtime_env are visible to anyone who can read the dashboard; give the
+cluster its secrets through its own environment.
+
+Auth: Ray 2.5x clusters started with ``RAY_AUTH_MODE=token`` want
+``Authorization: Bearer <token>`` on every dashboard request. The SDK adds it
+only when this process runs in token mode too, so when ``RAY_AUTH_TOKEN`` is
+set it is sent explicitly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shlex
+from collections.abc import Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from jobs.errors import JobError
+from jobs.security import is_secret_key
+from jobs.service.config import ClusterConfig
+from jobs.service.lineage import GIT_ENV, git_commit
+
+SUBMISSION_ENV = "MOE_PRETRAIN_SUBMISSION_ID"
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+@dataclass
+class JobInfo:
+    submission_id: str
+    status: str
+    message: str
+    metadata: dict[str, str]
+    start_time: int | None
+    end_time: int | None
+
+
+def resolve_address(explicit: str | None, cluster: ClusterConfig) -> str:
+    """``--address`` > ``cluster.address`` > ``$RAY_ADDRESS`` if it is a dashboard URL.
+
+    Never auto-detected: a cluster some ``ray start`` left on this machine is
+    not a place to send work by accident.
+    """
+    env = os.environ.get("RAY_ADDRESS", "")
+    address = explicit or cluster.address or (env if env.startswith("http") else None)
+    if not address:
+        raise JobError("no cluster address: pass --address http://HEAD:8265 or set cluster.address")
+    if not address.startswith(("http://", "https://")):
+        raise JobError(
+            f"cluster address must be http(s)://HEAD:PORT (the dashboard), got {address}"
+        )
+    return address.rstrip("/")
+
+
+class DuplicateSubmission(JobError):
+    """The cluster already has a job with this submission id."""
+
+
+@contextmanager
+def _errors(what: str):
+    """Ray's SDK errors as one-line ``JobError``s naming what failed."""
+    from ray.exceptions import AuthenticationError
+
+    try:
+        yield
+    except JobError:
+        raise
+    except AuthenticationError:
+        raise JobError(
+            f"{what}: the cluster refused our credentials; set RAY_AUTH_TOKEN to its token"
+        ) from None
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise JobError(f"{what}: {_first_line(e)}") from None
+
+
+def client(address: str):
+    from ray.job_submission import JobSubmissionClient
+
+    token = os.environ.get("RAY_AUTH_TOKEN")
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    with _errors(f"Ray dashboard at {address}"):
+        return JobSubmissionClient(address, headers=headers)
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def strip_secrets(tree: Any, path: str = "") -> tuple[Any, list[str]]:
+    """A copy of ``tree`` without credential-named keys, and the dotted keys dropped."""
+    if not isinstance(tree, Mapping):
+        return tree, []
+    out, dropped = {}, []
+    for key, value in tree.items():
+        name = f"{path}.{key}" if path else str(key)
+        if is_secret_key(str(key)) and not isinstance(value, Mapping) and value not in (None, ""):
+            dropped.append(name)
+            continue
+        out[key], more = strip_secrets(value, name)
+        dropped += more
+    return out, dropped
+
+
+def project_requirements() -> list[str]:
+    """This package's runtime dependencies, as installed (extras left out)."""
+    try:
+        reqs = metadata.requires("moe-pretrain") or []
+    except metadata.PackageNotFoundError:
+        return []
+    return [r for r in reqs if "extra ==" not in r]
+
+
+def runtime_env(cluster: ClusterConfig, submission_id: str | None) -> dict[str, Any]:
+    work = Path(cluster.working_dir).resolve()
+    if not work.is_dir():
+        raise JobError(f"cluster.working_dir is not a folder: {cluster.working_dir}")
+    env_vars = {GIT_ENV: git_commit(work), **cluster.env_vars}
+    if submission_id:
+        env_vars[SUBMISSION_ENV] = submission_id
+    if os.environ.get("MLFLOW_TRACKING_URI") and "MLFLOW_TRACKING_URI" not in env_vars:
+        env_vars["MLFLOW_TRACKING_URI"] = os.environ["MLFLOW_TRACKING_URI"]
+    env: dict[str, Any] = {
+        "working_dir": str(work),
+        "excludes": list(cluster.excludes),
+        "env_vars": env_vars,
+    }
+    pip = (project_requirements() if cluster.install_project_deps else []) + list(cluster.pip)
+    if pip:
+        env["pip"] = pip
+    return env
+
+
+def entrypoint(tree: Mapping[str, Any]) -> str:
+    return f"python -m jobs.service run --config-json {shlex.quote(json.dumps(tree))}"
+
+
+def submit_run(
+    tree: Mapping[str, Any],
+    cluster: ClusterConfig,
+    address: str,
+    submission_id: str | None = None,
+    metadata_: Mapping[str, str] | None = None,
+) -> tuple[str, list[str]]:
+    """Submit ``run`` with the config ``tree``; returns (submission id, keys not shipped).
+
+    A ``submission_id`` that the cluster already knows raises ``DuplicateSubmission``:
+    that is how a repeated trigger of the same scheduled run is refused.
+    """
+    shipped, dropped = strip_secrets(tree)
+    env = runtime_env(cluster, submission_id)
+    c = client(address)
+    with _errors(f"submit to {address}"):
+        try:
+            sid = c.submit_job(
+                entrypoint=entrypoint(shipped),
+                submission_id=submission_id,
+                runtime_env=env,
+                metadata={k: str(v) for k, v in (metadata_ or {}).items()},
+                entrypoint_num_cpus=cluster.entrypoint_num_cpus or None,
+            )
+        except RuntimeError as e:
+            # The job server answers 500 with a traceback that ends in this sentence.
+            if submission_id and "already exists" in str(e):
+                raise DuplicateSubmission(f"submission id {submission_id} already exists") from None
+            raise
+    return sid, dropped
+
+
+def job_info(address: str, submission_id: str) -> JobInfo:
+    with _errors(f"job {submission_id}"):
+        info = client(address).get_job_info(submission_id)
+    return JobInfo(
+        submission_id=submission_id,
+        status=str(info.status.value if hasattr(info.status, "value") else info.status),
+        message=info.message or "",
+        metadata=dict(info.metadata or {}),
+        start_time=info.start_time,
+        end_time=info.end_time,
+    )
+
+
+def job_logs(address: str, submission_id: str) -> str:
+    with _errors(f"job {submission_id}"):
+        return client(address).get_job_logs(submission_id)
+
+
+def follow_logs(address: str, submission_id: str, write=print) -> None:
+    """Stream the job's logs until it ends (the SDK's websocket tail)."""
+
+    async def tail() -> None:
+        async for lines in client(address).tail_job_logs(submission_id):
+            write(lines)
+
+    with _errors(f"job {submission_id}"):
+        asyncio.run(tail())
+
+
+def stop_job(address: str, submission_id: str) -> bool:
+    with _errors(f"job {submission_id}"):
+        return client(address).stop_job(submission_id)
