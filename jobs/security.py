@@ -4,8 +4,9 @@ Everything logged to MLflow (params, tags, artifacts) passes through
 ``redact`` first: a credential in a config or a URI never reaches the server.
 Every path that comes from a config or the model registry goes through
 ``ensure_within`` before anything is written there. Tensor files are read with
-``safe_torch_load``, which never runs pickled code (``torch.load`` without
-``weights_only=True`` executes arbitrary ``__reduce__`` payloads).
+``safe_torch_load`` and DCP checkpoints through ``safe_dcp_reader``, which never run
+pickled code (``torch.load`` without ``weights_only=True``, and DCP's own metadata
+reader, execute arbitrary ``__reduce__`` payloads).
 """
 
 from __future__ import annotations
@@ -29,12 +30,18 @@ _SECRET_WORDS = frozenset(
     {"secret", "password", "passwd", "passphrase", "token", "key", "apikey", "credential",
      "credentials", "auth", "authorization", "cookie", "signature"}
 )  # fmt: skip
-# A following word that describes the credential instead of holding it (``RAY_AUTH_MODE``).
+# A following word that describes or locates the credential instead of holding it
+# (``RAY_AUTH_MODE``, ``MLFLOW_AUTH_CONFIG_PATH``); URIs are still checked by ``redact_uri``.
 _DESCRIPTOR_NEXT = frozenset(
-    {"mode", "type", "types", "method", "enabled", "count", "len", "length"}
-)
+    {"mode", "type", "types", "method", "enabled", "count", "len", "length",
+     "config", "path", "file", "dir", "url", "uri", "endpoint"}
+)  # fmt: skip
 # In a language-model code base "token" is also the unit of text: ``eos_token_id`` is not a secret.
 _TEXT_TOKEN_NEXT = frozenset({"id", "ids"})
+# "auth" and "authorization" hold a credential only as the last word (``basic_auth``); before
+# other words they are a namespace and those words decide (``RAY_AUTH_TOKEN``: yes,
+# ``MLFLOW_AUTH_ADMIN_USERNAME``: no).
+_NAMESPACE_WORDS = frozenset({"auth", "authorization"})
 _WORD = re.compile(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])")
 _URI_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<userinfo>[^/@\s]+)@")
 _URI = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"]+")
@@ -55,6 +62,8 @@ def is_secret_key(key: str) -> bool:
             continue
         following = words[i + 1] if i + 1 < len(words) else ""
         if following in _DESCRIPTOR_NEXT or (word == "token" and following in _TEXT_TOKEN_NEXT):
+            continue
+        if following and word in _NAMESPACE_WORDS:
             continue
         return True
     return False
@@ -167,3 +176,55 @@ def safe_torch_load(path: str | os.PathLike | io.IOBase, map_location: str = "cp
         raise UnsafeLoadError(
             f"refusing to load {name}: it holds objects other than tensors ({first})"
         ) from None
+
+
+# What DCP pickles into a checkpoint's ``.metadata`` (torch.distributed.checkpoint.filesystem
+# writes it with ``pickle.dump`` and reads it back with a plain ``pickle.load``).
+_DCP_GLOBALS = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+        "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING",
+    },
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo", "_StoragePrefix"},
+    "torch.serialization": {"_get_layout"},
+    "pathlib": {"Path", "PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"},
+    "collections": {"OrderedDict"},
+    "builtins": {"set", "frozenset", "slice", "complex", "bytearray"},
+}  # fmt: skip
+
+
+class _DcpMetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if name in _DCP_GLOBALS.get(module, ()) or (module == "torch" and _torch_value(name)):
+            return super().find_class(module, name)
+        raise UnsafeLoadError(f"refusing to unpickle {module}.{name} from checkpoint metadata")
+
+
+def _torch_value(name: str) -> bool:
+    """``torch.Size`` and the dtype, layout and memory-format constants (no callables)."""
+    import torch
+
+    value = getattr(torch, name, None)
+    return name == "Size" or isinstance(value, (torch.dtype, torch.layout, torch.memory_format))
+
+
+def safe_dcp_reader(path: str | os.PathLike):
+    """A DCP ``FileSystemReader`` for ``dcp.load(sd, storage_reader=...)`` that never runs
+    pickled code: the ``.metadata`` file is unpickled with an allowlist of DCP's own classes
+    (tensor payloads are already read with ``torch.load(weights_only=True)`` by DCP)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+
+    class SafeFileSystemReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+            where = self._get_metadata_path(kwargs.get("rank"))
+            with self.fs.create_stream(where, "rb") as f:
+                metadata = _DcpMetadataUnpickler(f).load()
+            if not isinstance(metadata, Metadata):
+                raise UnsafeLoadError(f"{where}: not DCP metadata ({type(metadata).__name__})")
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeFileSystemReader(path)

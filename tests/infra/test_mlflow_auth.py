@@ -116,6 +116,7 @@ def test_tracker_logs_with_credentials(mlflow_auth_server, users, monkeypatch, t
         experiment=f"tracker-{secrets.token_hex(4)}",
         run_name="auth",
         system_metrics=False,
+        retry_interval_s=0.5,
         spool_dir=str(tmp_path / "spool"),
     )
     tracker.log_params({"train": {"lr": 0.001}})

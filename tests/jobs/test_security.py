@@ -1,0 +1,161 @@
+"""Secrets never leave in logs or params; paths from configs never leave the storage root;
+credentials come from the environment only."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import SecretStr
+
+from jobs.auth import check_mlflow_credentials, ray_auth_headers
+from jobs.errors import JobError
+from jobs.security import (
+    REDACTED,
+    PathEscapeError,
+    ensure_within,
+    is_secret_key,
+    redact,
+    redact_uri,
+    safe_join,
+)
+
+SECRET_KEYS = [
+    "password", "secret", "token", "key", "credentials", "api_key", "apiKey", "hf_token",
+    "aws_secret_access_key", "AWS_ACCESS_KEY_ID", "MLFLOW_TRACKING_PASSWORD", "RAY_AUTH_TOKEN",
+    "data.s3.secret", "db_passwd", "basic_auth", "session-token", "PrivateKey",
+]  # fmt: skip
+INNOCENT_KEYS = [
+    "tokenizer", "vocab_size", "keep_last_k", "monkey", "max_tokens", "tokens_per_expert",
+    "eos_token_id", "pad_token_ids", "keyboard", "RAY_AUTH_MODE", "MLFLOW_AUTH_CONFIG_PATH",
+    "MLFLOW_TRACKING_USERNAME", "authorization_function", "num_tokens", "secretary",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("key", SECRET_KEYS)
+def test_credential_keys_are_secret(key):
+    assert is_secret_key(key)
+
+
+@pytest.mark.parametrize("key", INNOCENT_KEYS)
+def test_innocent_keys_are_not(key):
+    assert not is_secret_key(key)
+
+
+def test_redact_hides_values_under_secret_keys_at_any_depth():
+    config = {
+        "data": {"s3": {"key": "AKIAXXXX", "secret": "s3cr3t", "endpoint": "http://minio:9000"}},
+        "tracking": {"uri": "http://mlflow:5000", "password": "hunter2"},
+        "tokenizer": {"vocab_size": 8192, "path": "tok.json"},
+        "train": {"keep_last_k": 3, "lr": 3e-4},
+        "hooks": [{"token": "t0k3n"}, "plain"],
+        "api_key": SecretStr("x"),
+        "empty_token": "",
+    }
+    out = redact(config)
+    assert out["data"]["s3"] == {
+        "key": REDACTED,
+        "secret": REDACTED,
+        "endpoint": "http://minio:9000",
+    }
+    assert out["tracking"] == {"uri": "http://mlflow:5000", "password": REDACTED}
+    assert out["tokenizer"] == config["tokenizer"] and out["train"] == config["train"]
+    assert out["hooks"] == [{"token": REDACTED}, "plain"] and out["api_key"] == REDACTED
+    assert out["empty_token"] == ""  # nothing to hide; shows that it is unset
+    assert config["data"]["s3"]["secret"] == "s3cr3t"  # a copy, the input is untouched
+
+
+def test_credentials_inside_uris_are_redacted_wherever_they_appear():
+    cases = {
+        "postgresql://mlflow:pw@db:5432/mlflow": "postgresql://***@db:5432/mlflow",
+        "s3://AKIA:SECRET@bucket/data": "s3://***@bucket/data",
+        "https://hub/x?X-Amz-Signature=abc&X-Amz-Credential=id&part=2": (
+            "https://hub/x?X-Amz-Signature=***&X-Amz-Credential=***&part=2"
+        ),
+        "see https://u:p@host/a and http://plain/b": "see https://***@host/a and http://plain/b",
+        "http://mlflow:5000": "http://mlflow:5000",
+        "s3://bucket/prefix": "s3://bucket/prefix",
+    }
+    for raw, expected in cases.items():
+        assert redact_uri(raw) == expected
+        assert redact({"uri": raw})["uri"] == expected
+
+
+# --- paths ---------------------------------------------------------------------------
+
+
+def test_local_paths_inside_the_root_are_normalised(tmp_path):
+    root = tmp_path / "outputs"
+    assert ensure_within(str(root), "datasets/a/../b") == str(root / "datasets" / "b")
+    assert ensure_within(str(root), str(root / "checkpoints")) == str(root / "checkpoints")
+    assert ensure_within(str(root), ".") == str(root)
+    assert safe_join(str(root), "checkpoints", "run-1") == str(root / "checkpoints" / "run-1")
+
+
+@pytest.mark.parametrize(
+    "path", ["../escape", "datasets/../../escape", "/etc/passwd", "s3://bucket/x", "a\x00b", ""]
+)
+def test_local_escapes_are_refused_with_one_line_naming_the_path(tmp_path, path):
+    with pytest.raises(PathEscapeError) as err:
+        ensure_within(str(tmp_path / "outputs"), path)
+    message = str(err.value)
+    assert "\n" not in message and repr(path) in message
+    assert isinstance(err.value, JobError)  # the CLI prints it as one line, exit code 2
+
+
+def test_a_symlink_cannot_lead_out_of_the_root(tmp_path):
+    root = tmp_path / "outputs"
+    root.mkdir()
+    (root / "link").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    with pytest.raises(PathEscapeError):
+        ensure_within(str(root), "link/model.safetensors")
+
+
+def test_a_sibling_with_a_common_prefix_is_outside(tmp_path):
+    with pytest.raises(PathEscapeError):
+        ensure_within(str(tmp_path / "out"), str(tmp_path / "outputs-other" / "x"))
+
+
+def test_object_store_paths_stay_in_their_bucket_and_prefix():
+    root = "s3://bucket/runs"
+    assert ensure_within(root, "s3://bucket/runs/a/b") == "s3://bucket/runs/a/b"
+    assert ensure_within(root, "ckpt/step-1") == "s3://bucket/runs/ckpt/step-1"
+    assert ensure_within(root, "s3://bucket/runs/a/../b") == "s3://bucket/runs/b"
+    assert ensure_within("s3://bucket", "any/where") == "s3://bucket/any/where"
+    refused = [
+        "s3://other/runs/a",  # another bucket
+        "s3://bucket/runs-other/a",  # a prefix that merely starts the same
+        "s3://bucket/elsewhere",
+        "s3://bucket/runs/../elsewhere",
+        "../elsewhere",
+        "gs://bucket/runs/a",  # another store
+        "/tmp/local",
+    ]
+    for path in refused:
+        with pytest.raises(PathEscapeError, match="outside the storage root"):
+            ensure_within(root, path)
+
+
+# --- credentials from the environment ------------------------------------------------
+
+
+def test_ray_token_becomes_a_bearer_header_only_when_set():
+    assert ray_auth_headers({"RAY_AUTH_TOKEN": "abc"}) == {"Authorization": "Bearer abc"}
+    assert ray_auth_headers({"RAY_AUTH_TOKEN": "  "}) == {}
+    assert ray_auth_headers({}) == {}
+
+
+def test_mlflow_credentials_come_as_a_pair():
+    both = {"MLFLOW_TRACKING_USERNAME": "u", "MLFLOW_TRACKING_PASSWORD": "p"}
+    assert check_mlflow_credentials(both) is True
+    assert check_mlflow_credentials({}) is False
+    with pytest.raises(JobError, match="MLFLOW_TRACKING_PASSWORD is not"):
+        check_mlflow_credentials({"MLFLOW_TRACKING_USERNAME": "u"})
+
+
+def test_mlflow_client_reads_the_credentials_itself(monkeypatch):
+    """What the deployments rely on: no code of ours passes MLflow credentials around."""
+    from mlflow.utils.credentials import get_default_host_creds
+
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "pipeline")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "from-the-secret")
+    creds = get_default_host_creds("http://mlflow:5000")
+    assert (creds.username, creds.password) == ("pipeline", "from-the-secret")
