@@ -84,10 +84,11 @@ def test_safe_dcp_reader_refuses_planted_metadata(tmp_path, marker):
     saved = _tiny_dcp(tmp_path / "dcp")
     (tmp_path / "dcp" / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
     target = {"model": {k: torch.zeros_like(v) for k, v in saved.items()}}
-    with pytest.raises(CheckpointException) as err, warnings.catch_warnings():
+    with pytest.raises(UnsafeLoadError, match=r"refusing to unpickle _?io\.open"):
+        safe_dcp_reader(tmp_path / "dcp").read_metadata()
+    with pytest.raises(CheckpointException), warnings.catch_warnings():  # DCP wraps the refusal
         warnings.simplefilter("ignore")
         dcp.load(target, storage_reader=safe_dcp_reader(tmp_path / "dcp"))
-    assert "refusing to unpickle io.open" in str(err.value)  # DCP wraps the UnsafeLoadError
     assert not marker.exists()
 
 
@@ -133,3 +134,30 @@ def test_load_checkpoint_model_refuses_a_planted_checkpoint(tmp_path, marker):
     with contextlib.suppress(Exception, CheckpointException):  # the marker decides
         checkpoint.load_checkpoint_model(str(ckpt))
     assert not marker.exists(), "the checkpoint loader ran a pickled payload"
+
+
+@pytest.mark.gpu
+def test_cuda_checkpoints_load_through_the_safe_readers(tmp_path):
+    """Checkpoints written from GPU tensors (what training writes) pass the allowlists."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8)).cuda().bfloat16()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(2, 8, device="cuda", dtype=torch.bfloat16)).float().sum().backward()
+    opt.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model_sd, optim_sd = get_state_dict(model, opt)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp_path / "dcp"))
+        target = {"model": {k: torch.zeros_like(v) for k, v in model.state_dict().items()}}
+        dcp.load(target, storage_reader=safe_dcp_reader(tmp_path / "dcp"))
+    for key, value in model.state_dict().items():
+        assert target["model"][key].is_cuda and torch.equal(target["model"][key], value), key
+    torch.save(model.state_dict(), tmp_path / "state.pt")
+    on_cpu = safe_torch_load(tmp_path / "state.pt")
+    on_gpu = safe_torch_load(tmp_path / "state.pt", map_location="cuda")
+    for key, value in model.state_dict().items():
+        assert on_cpu[key].device.type == "cpu" and on_gpu[key].is_cuda
+        assert torch.equal(on_gpu[key], value), key
