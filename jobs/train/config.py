@@ -22,6 +22,11 @@ class TrainConfig(BaseModel):
 
     max_steps: int = Field(200, gt=0, description="Optimizer steps in total (resumes count on).")
     seed: int = Field(0, description="Seeds the weights, the data order and per-step RNG.")
+    init_from: str | None = Field(
+        None,
+        description="Start from these weights (not optimizer or data position): a checkpoint "
+        "URI, or 'champion' = the registered champion's checkpoint (resolved by `run`).",
+    )
     num_workers: int = Field(1, ge=1, description="Ray Train workers (one GPU each with use_gpu).")
     use_gpu: bool | None = Field(None, description="None = use GPUs when the cluster has them.")
 
