@@ -38,22 +38,25 @@ _NAME = r"(?:[\"'](?P<lit>[A-Z][A-Z0-9_]+)[\"']|(?P<ident>[A-Z][A-Z0-9_]*))"
 
 
 def env_read_by_code(repo) -> dict[str, str]:
-    """Environment variable -> the file that reads it (literals and module constants)."""
+    """Environment variable -> a file that reads it (literals, and constants of any module)."""
+    files = {
+        path: path.read_text()
+        for package in ("jobs", "pipeline", "moe_model")
+        for path in sorted((repo / package).rglob("*.py"))
+    }
+    constants = {
+        m[1]: m[2]
+        for text in files.values()
+        for m in re.finditer(r"^([A-Z][A-Z0-9_]*)\s*=\s*[\"']([A-Z][A-Z0-9_]+)[\"']", text, re.M)
+    }
     found = {}
-    for package in ("jobs", "pipeline", "moe_model"):
-        for path in sorted((repo / package).rglob("*.py")):
-            text = path.read_text()
-            for pattern in _READ:
-                for m in re.finditer(pattern.format(_NAME), text):
-                    name = m["lit"] or _constant(text, m["ident"])
-                    if name:
-                        found.setdefault(name, str(path.relative_to(repo)))
+    for path, text in files.items():
+        for pattern in _READ:
+            for m in re.finditer(pattern.format(_NAME), text):
+                name = m["lit"] or constants.get(m["ident"])
+                if name:
+                    found.setdefault(name, str(path.relative_to(repo)))
     return found
-
-
-def _constant(text: str, ident: str) -> str | None:
-    m = re.search(rf"^{ident}\s*=\s*[\"']([A-Z][A-Z0-9_]+)[\"']", text, re.M)
-    return m.group(1) if m else None
 
 
 def invocations(stack) -> list[tuple[str, list[str]]]:

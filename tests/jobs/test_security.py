@@ -159,3 +159,20 @@ def test_mlflow_client_reads_the_credentials_itself(monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "from-the-secret")
     creds = get_default_host_creds("http://mlflow:5000")
     assert (creds.username, creds.password) == ("pipeline", "from-the-secret")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="jobs.train.driver forwards MLFLOW_TRACKING_PASSWORD into the workers' runtime_env, "
+    "which Ray logs in plain text (runtime_env_agent.log: 'Creating runtime env: ...') and "
+    "shows in the dashboard; Ray nodes already hold the credentials in their environment",
+)
+def test_the_trainer_puts_no_credential_in_a_runtime_env(monkeypatch):
+    driver = pytest.importorskip("jobs.train.driver")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "pipeline")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "PLANTED-PASSWORD")
+    forwarded = driver._forwarded_env()
+    assert forwarded.get("MLFLOW_TRACKING_URI") == "http://mlflow:5000"
+    assert "PLANTED-PASSWORD" not in str(forwarded)

@@ -117,6 +117,7 @@ def test_load_hf_reads_safetensors_only(tmp_path, marker):
 
 @pytest.mark.xfail(
     strict=True,
+    raises=AssertionError,
     reason="jobs.train.checkpoint reads DCP .metadata with a plain pickle.load; "
     "pass storage_reader=jobs.security.safe_dcp_reader(path) to dcp.load",
 )
