@@ -9,6 +9,7 @@ has the same fingerprint and rewrites the same files, then commits.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import closing
@@ -35,7 +36,7 @@ from pipeline.manifest import (
 from pipeline.progress import Progress
 from pipeline.sources import SourceFile, list_sources
 from pipeline.stage import ReadStage, Stage, file_groups, run_sequential
-from pipeline.storage import join, list_files, remove, write_bytes_atomic
+from pipeline.storage import is_remote, join, list_files, remove, write_bytes_atomic
 from pipeline.tokenize_stage import TokenizeStage
 from pipeline.tokenizer import (
     TokenizerBundle,
@@ -60,7 +61,8 @@ class PrepareResult:
 
 
 def dataset_uri(root: str, cfg: PrepareConfig, fp: str) -> str:
-    return join(root, "datasets", cfg.name, fp)
+    """Absolute for local roots: Ray workers do not share the driver's working directory."""
+    return join(root if is_remote(root) else os.path.abspath(root), "datasets", cfg.name, fp)
 
 
 def prepare(
@@ -78,7 +80,7 @@ def prepare(
     items = list(file_groups(sources))
     with Progress(progress) as bar:
         bar.status("training tokenizer" if not cfg.tokenizer else "loading tokenizer")
-        tok = _tokenizer(cfg, items, run)
+        tok = _tokenizer(cfg, items)
         stages = [ReadStage(cfg), CleanStage(cfg.clean), _tokenize_stage(cfg, tok)]
         assembler = Assembler(cfg, uri, token_dtype(cfg.vocab_size))
         with closing(run(items, stages)) as tables:
@@ -107,19 +109,22 @@ def _tokenize_stage(cfg: PrepareConfig, tok: TokenizerBundle) -> TokenizeStage:
     return TokenizeStage(tok.json, tok.special_ids["eos"], cfg.batch_size)
 
 
-def _tokenizer(cfg: PrepareConfig, items: list[dict], run: Runner) -> TokenizerBundle:
+def _tokenizer(cfg: PrepareConfig, items: list[dict]) -> TokenizerBundle:
     if cfg.tokenizer:
         from tokenizers import Tokenizer
 
         return bundle(Tokenizer.from_str(read_tokenizer_json(cfg.tokenizer, cfg.s3)), cfg)
-    sample = _sample_texts(cfg, items, run)
+    sample = _sample_texts(cfg, items)
     return bundle(train_bpe(sample, cfg.vocab_size, cfg.special_tokens), cfg)
 
 
-def _sample_texts(cfg: PrepareConfig, items: list[dict], run: Runner) -> Iterator[str]:
-    """The first ``tokenizer_sample_chars`` characters of cleaned documents, in stable order."""
+def _sample_texts(cfg: PrepareConfig, items: list[dict]) -> Iterator[str]:
+    """The first ``tokenizer_sample_chars`` characters of cleaned documents, in stable order.
+
+    Read in this process: the sample is bounded, and a second Ray Data run would
+    cost more in start-up than the reading does."""
     budget = cfg.tokenizer_sample_chars
-    with closing(run(items, [ReadStage(cfg), CleanStage(cfg.clean)])) as tables:
+    with closing(run_sequential(items, [ReadStage(cfg), CleanStage(cfg.clean)])) as tables:
         for table in tables:
             for text in table.filter(pc.is_null(table.column("reason")))["text"].to_pylist():
                 yield text[:budget]

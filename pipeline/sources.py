@@ -29,6 +29,7 @@ FORMATS = {
     ".parquet": "parquet",
 }
 _GLOB_CHARS = set("*?[")
+_DATA_FORMATS = ("jsonl", "json", "parquet")
 
 
 @dataclass(frozen=True)
@@ -127,11 +128,12 @@ def _expand_remote(uri: str, s3: S3Options | None) -> list[SourceFile]:
     protocol = uri.split("://", 1)[0]
     fs, path = filesystem(uri, s3)
     fs.invalidate_cache()
+    folder = False
     try:
         if any(c in path for c in _GLOB_CHARS):
             infos = fs.glob(path, detail=True)
         elif fs.isdir(path):
-            infos = fs.find(path, detail=True)
+            infos, folder = fs.find(path, detail=True), True
         elif fs.exists(path):
             infos = {path: fs.info(path)}
         else:
@@ -143,6 +145,9 @@ def _expand_remote(uri: str, s3: S3Options | None) -> list[SourceFile]:
         for p, info in infos.items()
         if info.get("type") != "directory" and not os.path.basename(p).startswith(".")
     ]
+    if protocol == "hf" and folder:
+        # A hub dataset repo also holds its card (README.md) and scripts: keep the data files.
+        files = [f for f in files if f.format in _DATA_FORMATS]
     if not files:
         raise InputNotFoundError(f"input {uri!r}: no such object, prefix or glob match")
     return files

@@ -83,7 +83,7 @@ class ReadStage(Stage):
     output_columns = tuple(RECORD_SCHEMA.names)
     batch_size = 1
 
-    def __init__(self, cfg: PrepareConfig, max_records: int = 2048, max_chars: int = 8 << 20):
+    def __init__(self, cfg: PrepareConfig, max_records: int = 2048, max_chars: int = 4 << 20):
         self.cfg = cfg
         self.max_records = max_records
         self.max_chars = max_chars

@@ -12,7 +12,36 @@ import zstandard
 
 from pipeline.config import PrepareConfig
 
-WORDS = ["the", "model", "reads", "tokens", "from", "packed", "rows", "while", "experts", "route", "each", "token", "to", "two", "of", "eight", "feed", "forward", "networks", "and", "the", "router", "learns", "a", "balanced", "assignment", "over", "time"]
+WORDS = [
+    "the",
+    "model",
+    "reads",
+    "tokens",
+    "from",
+    "packed",
+    "rows",
+    "while",
+    "experts",
+    "route",
+    "each",
+    "token",
+    "to",
+    "two",
+    "of",
+    "eight",
+    "feed",
+    "forward",
+    "networks",
+    "and",
+    "the",
+    "router",
+    "learns",
+    "a",
+    "balanced",
+    "assignment",
+    "over",
+    "time",
+]
 
 
 def sentence(rng: random.Random, n: int = 12) -> str:

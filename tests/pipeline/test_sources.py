@@ -44,3 +44,33 @@ def test_module_document_has_signatures_and_docstrings():
     assert doc == (
         "Module pkg.mod\n\nMod doc.\n\nclass A(B)\n\nClass doc.\n\ndef A.f(self, x=1)\n\nF doc."
     )
+
+
+def test_hf_uris_route_to_the_hub_filesystem_without_network():
+    """Listing a hub dataset needs the network (not available here); the routing does not."""
+    from pipeline.storage import filesystem
+
+    fs, path = filesystem("hf://datasets/org/name/data/train.parquet")
+    assert type(fs).__name__ == "HfFileSystem"
+    assert path == "datasets/org/name/data/train.parquet"
+
+
+def test_s3_options_come_from_config_over_environment(monkeypatch):
+    from pipeline.config import S3Options
+    from pipeline.storage import s3_storage_options
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://env:9000")
+    assert s3_storage_options(None)["client_kwargs"] == {"endpoint_url": "http://env:9000"}
+    opts = s3_storage_options(S3Options(endpoint_url="http://cfg:9000", key="k", secret="s"))
+    assert opts["client_kwargs"]["endpoint_url"] == "http://cfg:9000"
+    assert (opts["key"], opts["secret"]) == ("k", "s")
+
+
+def test_secrets_never_reach_the_manifest_config():
+    import json
+
+    from pipeline.config import PrepareConfig
+
+    cfg = PrepareConfig(inputs=["x"], s3={"key": "AKIAEXAMPLE", "secret": "topsecret"})
+    dumped = json.dumps(cfg.public_view()) + json.dumps(cfg.fingerprint_view())
+    assert "topsecret" not in dumped and "AKIAEXAMPLE" not in dumped
