@@ -129,3 +129,15 @@ def test_missing_input_fails_before_any_work(tmp_path):
     with pytest.raises(InputNotFoundError, match="nope"):
         prepare(tiny_config([str(tmp_path / "nope")]), str(tmp_path), False, "local")
     assert not (tmp_path / "datasets").exists()
+
+
+def test_builtin_python_docs_corpus(tmp_path):
+    cfg = tiny_config(["builtin://python-docs"], max_documents=25, vocab_size=512,
+                      tokenizer_sample_chars=200_000)  # fmt: skip
+    result = prepare(cfg, str(tmp_path), progress=False, executor="local")
+    m = result.manifest
+    assert sum(s["documents"] for s in m["splits"].values()) == 25
+    assert m["sources"][0]["path"].startswith("builtin://python-docs/")
+    ds = DatasetReader(result.uri)
+    first = ds.load_tokenizer().decode(split_stream(ds, "train")[:40].tolist())
+    assert first.startswith(("Module ", "class ", "def ", "async def "))
