@@ -74,3 +74,17 @@ def test_secrets_never_reach_the_manifest_config():
     cfg = PrepareConfig(inputs=["x"], s3={"key": "AKIAEXAMPLE", "secret": "topsecret"})
     dumped = json.dumps(cfg.public_view()) + json.dumps(cfg.fingerprint_view())
     assert "topsecret" not in dumped and "AKIAEXAMPLE" not in dumped
+
+
+def test_builtin_source_that_does_not_parse_is_quarantined(tmp_path, monkeypatch):
+    from pipeline import builtin_corpus
+    from pipeline.readers import read_records
+    from tests.pipeline.conftest import tiny_config
+
+    (tmp_path / "good.py").write_text('"""Fine module."""\n')
+    (tmp_path / "bad.py").write_text("def broken(:\n")
+    monkeypatch.setattr(builtin_corpus, "stdlib_root", lambda: str(tmp_path))
+    bad, good = list_builtin("builtin://python-docs")
+    cfg = tiny_config(["builtin://python-docs"])
+    assert [r[3] for r in read_records(bad, cfg)] == ["unparseable_source"]
+    assert [r[0] for r in read_records(good, cfg)] == ["Module good\n\nFine module."]
