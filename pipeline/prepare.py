@@ -62,7 +62,9 @@ class PrepareResult:
 
 def dataset_uri(root: str, cfg: PrepareConfig, fp: str) -> str:
     """Absolute for local roots: Ray workers do not share the driver's working directory."""
-    return join(root if is_remote(root) else os.path.abspath(root), "datasets", cfg.name, fp)
+    if not is_remote(root):
+        root = os.path.abspath(root.removeprefix("file://"))
+    return join(root, "datasets", cfg.name, fp)
 
 
 def prepare(

@@ -14,9 +14,16 @@ InputOpt = Annotated[
         "--input", "-i", help="File, folder, glob, s3://, hf://datasets/... (repeatable)."
     ),
 ]
-OutputOpt = Annotated[str | None, typer.Option("--output", "-o", help="storage.root")]
-SeqLenOpt = Annotated[int | None, typer.Option("--seq-len", help="data.seq_len")]
-VocabOpt = Annotated[int | None, typer.Option("--vocab-size", help="data.vocab_size")]
+OutputOpt = Annotated[
+    str | None, typer.Option("--output", "-o", help="storage.root: a folder or s3://bucket/prefix.")
+]
+SeqLenOpt = Annotated[
+    int | None,
+    typer.Option("--seq-len", help="data.seq_len: tokens per training row (rows hold one more)."),
+]
+VocabOpt = Annotated[
+    int | None, typer.Option("--vocab-size", help="data.vocab_size: BPE vocabulary size.")
+]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")]
 
 
