@@ -10,6 +10,7 @@ Nothing in the folder is a pickle.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -85,6 +86,8 @@ def resolve_model(uri: str, dst: str | Path | None = None, tracking_uri: str | N
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    # One progress bar per file on stderr says nothing for a handful of files.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     dst = Path(dst) if dst else Path(tempfile.mkdtemp(prefix="moe-model-"))
     try:
         path = mlflow.artifacts.download_artifacts(

@@ -29,16 +29,17 @@ def config_hash(cfg) -> str:
 
 
 def git_commit(cwd: str | Path | None = None) -> str:
-    """``<sha>`` or ``<sha>-dirty``; ``unknown`` outside a git checkout."""
+    """``<sha>`` or ``<sha>-dirty`` of ``cwd``'s checkout, else of this package's; or ``unknown``."""
     if os.environ.get(GIT_ENV):
         return os.environ[GIT_ENV]
-    cwd = str(cwd or Path.cwd())
-    try:
-        sha = _git(cwd, "rev-parse", "HEAD")
-        dirty = _git(cwd, "status", "--porcelain", "--untracked-files=no")
-    except (OSError, subprocess.CalledProcessError, subprocess.TimeoutExpired):
-        return UNKNOWN
-    return f"{sha}-dirty" if dirty else sha
+    for where in (cwd or Path.cwd(), Path(__file__).resolve().parents[2]):
+        try:
+            sha = _git(str(where), "rev-parse", "HEAD")
+            dirty = _git(str(where), "status", "--porcelain", "--untracked-files=no")
+        except (OSError, subprocess.CalledProcessError, subprocess.TimeoutExpired):
+            continue
+        return f"{sha}-dirty" if dirty else sha
+    return UNKNOWN
 
 
 def _git(cwd: str, *args: str) -> str:

@@ -125,6 +125,14 @@ class ScheduleStore:
             )
             return cur.rowcount == 1
 
+    def has_run(self, schedule: str, scheduled_time: str) -> bool:
+        with self._db() as db:
+            row = db.execute(
+                "SELECT 1 FROM runs WHERE schedule = ? AND scheduled_time = ?",
+                (schedule, scheduled_time),
+            ).fetchone()
+        return row is not None
+
     def update(self, sid: str, **fields: str) -> None:
         cols = ", ".join(f"{k} = ?" for k in fields)
         with self._db() as db:

@@ -65,13 +65,20 @@ def submission_id(name: str, scheduled: datetime) -> str:
     return f"{name}-{scheduled.astimezone(timezone.utc):%Y%m%dT%H%M%SZ}"
 
 
-def fire(name: str, store_path: str, scheduled_time: datetime) -> str:
-    """Submit the run of ``name`` due at ``scheduled_time``; returns what was recorded."""
+def fire(name: str, store_path: str, scheduled_time: datetime | None = None) -> str:
+    """Submit the run of ``name`` due at ``scheduled_time``; returns what was recorded.
+
+    ``scheduled_time`` is filled in by the daemon's executor (see ``daemon.stamped_executor``);
+    it defaults to None only so that APScheduler accepts the job without it.
+    """
+    assert scheduled_time is not None, "fire() runs through the stamped executor"
     store = ScheduleStore(store_path)
     sched = store.get(name)
     if sched is None:
         return "gone"
     sid, when = submission_id(name, scheduled_time), scheduled_time.isoformat()
+    if store.has_run(name, when):
+        return "duplicate"
     busy = _still_running(store, sched)
     if busy is not None:
         store.record(name, when, sid, "SKIPPED", f"previous run {busy} still running")

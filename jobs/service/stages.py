@@ -38,44 +38,53 @@ class StageOutcome:
 
 
 def ensure_ray() -> None:
-    """Join the cluster a Ray job runs in (``RAY_ADDRESS``), else start a local Ray.
+    """Inside a Ray job (``RAY_ADDRESS`` set), join that cluster before any stage runs.
 
-    Never ``address="auto"`` outside a job: a cluster some ``ray start`` left
-    on this machine must not receive work by accident.
+    Elsewhere nothing starts here: the stages that need Ray (a prepare or a
+    training that is not cached) start a local one, never ``address="auto"``,
+    so a cluster some ``ray start`` left on this machine never gets work by
+    accident, and a fully cached rerun starts no Ray at all.
     """
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=True)
+    if os.environ.get("RAY_ADDRESS") and not ray.is_initialized():
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
 
 
 def prepare_stage(ctx: Context) -> StageOutcome:
     from pipeline.prepare import prepare
-    from pipeline.storage import filesystem, join
 
     cfg = ctx.cfg
-    result = prepare(cfg.data, cfg.storage.root)
-    if "prepare" in ctx.force and result.cache_hit:
-        # The manifest is the commit marker: without it, prepare rebuilds in place.
-        fs, path = filesystem(join(result.uri, "manifest.json"), cfg.data.s3)
-        fs.rm(path)
+    with ctx.runs.stage("prepare", ctx.parent_run_id) as run_id:
         result = prepare(cfg.data, cfg.storage.root)
-    manifest = result.manifest
-    ctx.lineage.update(dataset_lineage(manifest, result.uri))
-    tags = {CACHE_HIT_TAG: str(result.cache_hit).lower(), **ctx.lineage}
-    with ctx.runs.stage("prepare", ctx.parent_run_id, tags) as run_id:
-        splits = manifest.get("splits", {})
-        ctx.runs.log_metrics(
-            run_id,
-            {
-                **{f"data/{s}_{k}": v[k] for s, v in splits.items() for k in ("tokens", "rows")},
-                "data/quarantined": manifest.get("quarantine", {}).get("total", 0),
-                "data/duplicates_removed": manifest.get("duplicates_removed", 0),
-                "data/seconds": result.seconds,
-            },
-        )
+        if "prepare" in ctx.force and result.cache_hit:
+            result = _rebuild(cfg, result.uri)
+        manifest = result.manifest
+        ctx.lineage.update(dataset_lineage(manifest, result.uri))
+        ctx.runs.set_tags(run_id, {CACHE_HIT_TAG: str(result.cache_hit).lower(), **ctx.lineage})
+        ctx.runs.log_metrics(run_id, _data_metrics(manifest, result.seconds))
     outputs = {"dataset_uri": result.uri, "manifest": manifest}
     return StageOutcome("prepare", result.cache_hit, manifest["fingerprint"], run_id, outputs)
+
+
+def _rebuild(cfg, uri: str):
+    """``--force prepare``: drop the commit marker (the manifest), so prepare rebuilds in place."""
+    from pipeline.prepare import prepare
+    from pipeline.storage import filesystem, join
+
+    fs, path = filesystem(join(uri, "manifest.json"), cfg.data.s3)
+    fs.rm(path)
+    return prepare(cfg.data, cfg.storage.root)
+
+
+def _data_metrics(manifest: dict[str, Any], seconds: float) -> dict[str, float]:
+    splits = manifest.get("splits", {})
+    return {
+        **{f"data/{s}_{k}": v[k] for s, v in splits.items() for k in ("tokens", "rows")},
+        "data/quarantined": manifest.get("quarantine", {}).get("total", 0),
+        "data/duplicates_removed": manifest.get("duplicates_removed", 0),
+        "data/seconds": seconds,
+    }
 
 
 def resolve_init(ctx: Context, manifest: dict[str, Any]) -> tuple[str | None, str | None]:

@@ -1,0 +1,142 @@
+"""Recurring runs: triggers, the run history's guarantees, and the daemon against a real
+Ray cluster (fires on an interval, skips while the previous run is going, survives a
+restart without duplicates)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from jobs.errors import JobError
+from jobs.service import submit
+from jobs.service.config import ScheduleConfig
+from jobs.service.daemon import run_daemon
+from jobs.service.schedule_store import ScheduleStore
+from jobs.service.scheduler import fire, make_trigger, submission_id
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_cron_follows_crontab_weekdays_and_seconds():
+    start = datetime(2026, 1, 1, tzinfo=timezone.utc)  # a Thursday
+    monday = make_trigger({"cron": "30 9 * * 1"}).get_next_fire_time(None, start)
+    assert (monday.weekday(), monday.hour, monday.minute) == (0, 9, 30)
+    sunday = make_trigger({"cron": "0 0 * * 0"}).get_next_fire_time(None, start)
+    assert sunday.weekday() == 6
+    every_5s = make_trigger({"cron": "*/5 * * * * *"}).get_next_fire_time(None, start)
+    assert every_5s == start
+    with pytest.raises(JobError, match="cron"):
+        make_trigger({"cron": "* * *"})
+    assert submission_id("nightly", start) == "nightly-20260101T000000Z"
+
+
+def test_store_refuses_duplicate_runs_and_names(tmp_path):
+    store = ScheduleStore(tmp_path / "s.db")
+    store.add("a", {"every": 60}, {}, "http://h:8265")
+    with pytest.raises(JobError, match="already exists"):
+        store.add("a", {"every": 60}, {}, "http://h:8265")
+    assert store.record("a", "t1", "a-t1", "SUBMITTING")
+    assert not store.record("a", "t1", "a-t1-other", "SUBMITTING")  # same scheduled time
+    assert not store.record("a", "t2", "a-t1", "SUBMITTING")  # same submission id
+    # Another process opening the same file sees the same state (what a restart relies on).
+    again = ScheduleStore(tmp_path / "s.db")
+    assert [r.submission_id for r in again.history("a")] == ["a-t1"]
+    again.set_paused("a", True)
+    assert store.get("a").paused
+
+
+def runs_of(store: ScheduleStore, name: str):
+    return sorted(store.history(name, limit=100), key=lambda r: r.scheduled_time)
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise TimeoutError(what)
+
+
+def start_daemon(cfg: ScheduleConfig) -> tuple[threading.Thread, threading.Event]:
+    stop = threading.Event()
+    thread = threading.Thread(target=run_daemon, args=(cfg, stop), daemon=True)
+    thread.start()
+    return thread, stop
+
+
+@pytest.mark.slow
+def test_daemon_fires_skips_and_restarts_without_duplicates(
+    ray_cluster, mlflow_uri, monkeypatch, tmp_path
+):
+    monkeypatch.setenv("RAY_AUTH_TOKEN", ray_cluster.token)
+    cfg = ScheduleConfig(store=str(tmp_path / "schedules.db"), poll_seconds=1)
+    store = ScheduleStore(cfg.store)
+    # Each run is a real `run` job that fails in prepare (no such corpus) after its
+    # pipeline run is opened in MLflow: long enough to overlap the next trigger.
+    tree = {
+        "data": {"inputs": ["/nonexistent/scheduled-corpus"]},
+        "storage": {"root": str(tmp_path / "out")},
+        "cluster": {"working_dir": str(REPO)},
+    }
+    store.add("quick", {"every": 3}, tree, ray_cluster.address)
+
+    thread, stop = start_daemon(cfg)
+    wait_for(
+        lambda: any(r.status == "SKIPPED" for r in runs_of(store, "quick")),
+        timeout=90, what="no skip recorded while the first run was going",
+    )  # fmt: skip
+    stop.set()
+    thread.join(timeout=60)
+    before = runs_of(store, "quick")
+    first = before[0]
+    assert first.status not in ("SKIPPED", "SUBMIT_FAILED"), first
+    assert all("still running" in r.note for r in before if r.status == "SKIPPED")
+
+    time.sleep(7)  # two triggers are missed while the daemon is down
+    thread, stop = start_daemon(cfg)
+    wait_for(lambda: len(runs_of(store, "quick")) > len(before), 60, "no run after restart")
+    time.sleep(1.5)
+    store.set_paused("quick", True)
+    time.sleep(2)
+    stop.set()
+    thread.join(timeout=60)
+
+    after = runs_of(store, "quick")
+    times = [datetime.fromisoformat(r.scheduled_time) for r in after]
+    ids = [r.submission_id for r in after]
+    assert len(set(ids)) == len(ids) and len(set(times)) == len(times)
+    resumed = [t for t in times if t > datetime.fromisoformat(before[-1].scheduled_time)]
+    # The misses coalesce: the first run after the restart is the latest missed time, so
+    # consecutive runs after it are one interval apart.
+    assert resumed and all(
+        b - a == timedelta(seconds=3) for a, b in zip(resumed, resumed[1:], strict=False)
+    )
+    assert resumed[0] - datetime.fromisoformat(before[-1].scheduled_time) >= timedelta(seconds=6)
+
+    # Every run submitted went to the cluster under its deterministic id, once.
+    jobs = submit.client(ray_cluster.address).list_jobs()
+    ours = [j.submission_id for j in jobs if (j.metadata or {}).get("schedule") == "quick"]
+    submitted = [r.submission_id for r in after if r.status not in ("SKIPPED", "SUBMIT_FAILED")]
+    assert sorted(ours) == sorted(submitted)
+
+    # A duplicate trigger for an already recorded time starts nothing.
+    again = fire("quick", cfg.store, datetime.fromisoformat(first.scheduled_time))
+    assert again == "duplicate"
+    assert len(submit.client(ray_cluster.address).list_jobs()) == len(jobs)
+
+    # When the first run ends, history shows its status and its MLflow pipeline run.
+    from jobs.service.scheduler import refresh_all
+
+    def first_done():
+        refresh_all(store)
+        return runs_of(store, "quick")[0].status in submit.TERMINAL
+
+    wait_for(first_done, timeout=180, what="first scheduled run never finished")
+    done = runs_of(store, "quick")[0]
+    assert done.status == "FAILED" and done.mlflow_run_id and not done.model_version
