@@ -95,36 +95,38 @@ def test_bootstrap_with_a_wrong_admin_password_fails(mlflow_auth_server):
 
 
 def test_the_pipeline_logs_with_credentials_from_the_environment(
-    mlflow_auth_server, users, monkeypatch
+    mlflow_auth_server, users, monkeypatch, tmp_path
 ):
-    """MLflow's client reads MLFLOW_TRACKING_USERNAME/PASSWORD itself: nothing else is needed."""
-    client = _as(monkeypatch, mlflow_auth_server, users["pipeline"])
-    exp = client.create_experiment(f"auth-{secrets.token_hex(4)}")
-    run = client.create_run(exp)
-    client.log_param(run.info.run_id, "train.lr", 3e-4)
-    client.log_metric(run.info.run_id, "train/loss", 2.5, step=1)
-    client.set_terminated(run.info.run_id)
-    logged = client.get_run(run.info.run_id).data
-    assert logged.params == {"train.lr": "0.0003"} and logged.metrics == {"train/loss": 2.5}
+    """The pipeline's parent run (``Runs``) and the trainer's tracker, as the pipeline user:
+    MLflow's client reads MLFLOW_TRACKING_USERNAME/PASSWORD itself, nothing else is needed."""
+    from jobs.config import RootConfig
+    from jobs.service.tracking import Runs
+    from jobs.tracking.mlflow_tracker import MlflowTracker
 
-
-def test_tracker_logs_with_credentials(mlflow_auth_server, users, monkeypatch, tmp_path):
-    tracking = pytest.importorskip("jobs.tracking.mlflow_tracker")
     client = _as(monkeypatch, mlflow_auth_server, users["pipeline"])
-    tracker = tracking.MlflowTracker(
+    experiment = f"auth-{secrets.token_hex(4)}"
+    cfg = RootConfig.model_validate(
+        {"tracking": {"uri": mlflow_auth_server.uri, "experiment": experiment}}
+    )
+    runs = Runs(cfg)
+    parent = runs.start("pipeline", {"moe.stage": "pipeline"})
+    runs.log_params(parent, {"train": {"lr": 3e-4}})
+    tracker = MlflowTracker(
         uri=mlflow_auth_server.uri,
-        experiment=f"tracker-{secrets.token_hex(4)}",
-        run_name="auth",
+        experiment=experiment,
+        run_name="train",
+        parent_run_id=parent,
         system_metrics=False,
         retry_interval_s=0.5,
         spool_dir=str(tmp_path / "spool"),
     )
-    tracker.log_params({"train": {"lr": 0.001}})
     tracker.log({"train/loss": 1.5}, step=1)
     tracker.close()
+    runs.end(parent)
     assert tracker.run_id, "the tracker never reached the authenticated server"
-    data = client.get_run(tracker.run_id).data
-    assert data.metrics.get("train/loss") == 1.5
+    assert client.get_run(parent).data.params == {"train.lr": "0.0003"}
+    train = client.get_run(tracker.run_id).data
+    assert train.metrics == {"train/loss": 1.5} and train.tags["mlflow.parentRunId"] == parent
 
 
 def test_a_reader_cannot_register_or_promote_a_model(mlflow_auth_server, users, monkeypatch):
