@@ -3,8 +3,9 @@
 Legend: T tokens, K top_k, E experts, N token-slots (T*K), P rows of the expert-sorted buffer.
 
 Every index is computed once from one stable sort; forward and backward then only gather.
-Row p of the expert-sorted buffer holds token `src_row_P[p]`; token-slot n (in (t, k) order)
-reads its expert output from row `slot_row_N[n]`. For grouped GEMM each group starts on a
+Row p of the expert-sorted buffer serves token-slot `slot_of_row_P[p]` (N for padding), i.e.
+token `src_row_P[p]` (T for padding); token-slot n (in (t, k) order) reads its expert output
+from row `slot_row_N[n]`. For grouped GEMM each group starts on a
 multiple of `align` rows and the buffer is sized by an upper bound, so nothing waits on the host.
 """
 
@@ -17,6 +18,7 @@ import torch
 
 @dataclass
 class DispatchPlan:
+    slot_of_row_P: torch.Tensor  # token-slot each row serves; N for padding rows
     src_row_P: torch.Tensor  # token index feeding each row; T (a zero row) for padding rows
     slot_row_N: torch.Tensor  # row holding each token-slot's expert output
     group_rows_E: torch.Tensor  # rows per expert group, padding included
@@ -24,7 +26,6 @@ class DispatchPlan:
     routed_E: torch.Tensor  # token-slots the router sent to each expert (before drops)
     keep_N: torch.Tensor | None  # False where the capacity limit dropped the slot; None = dropless
     dropped: torch.Tensor  # number of dropped token-slots (0-dim)
-    needs_zero_row: bool  # src_row_P points at row T: append a zero row to the tokens
 
     @property
     def num_rows(self) -> int:
@@ -69,18 +70,19 @@ def plan_dispatch(
         row_sorted_N = torch.where(keep_sorted_N, row_sorted_N, num_rows)
         keep_N = torch.empty_like(keep_sorted_N).index_copy_(0, order_N, keep_sorted_N)
 
-    src_row_P = torch.full((num_rows + 1,), T, dtype=torch.long, device=device)
-    src_row_P.index_copy_(0, row_sorted_N, order_N // K)
+    # Dropped slots all land on the extra row num_rows, which is cut off.
+    slot_of_row_P = torch.full((num_rows + 1,), N, dtype=torch.long, device=device)
+    slot_of_row_P = slot_of_row_P.index_copy_(0, row_sorted_N, order_N)[:num_rows]
     slot_row_N = torch.empty_like(order_N).index_copy_(0, order_N, row_sorted_N)
     if keep_N is not None:
         slot_row_N = torch.where(keep_N, slot_row_N, 0)
     return DispatchPlan(
-        src_row_P=src_row_P[:num_rows],
+        slot_of_row_P=slot_of_row_P,
+        src_row_P=slot_of_row_P // K,
         slot_row_N=slot_row_N,
         group_rows_E=group_rows_E,
         offsets_E=ends_E.to(torch.int32),
         routed_E=routed_E,
         keep_N=keep_N,
         dropped=dropped,
-        needs_zero_row=align > 1,
     )
