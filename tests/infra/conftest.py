@@ -143,7 +143,8 @@ def _load_k8s() -> list[tuple[str, dict[str, Any]]]:
 
 
 def _generated(stack: Stack) -> None:
-    """Secrets and ConfigMaps: the kustomize generators (keys from the *.example files)."""
+    """Secrets and ConfigMaps: the kustomize generators (keys from the *.example files), the
+    manifests' ConfigMaps, and the token Secret the KubeRay operator generates."""
     for gen in stack.kustomization.get("secretGenerator", []):
         keys: set[str] = set()
         for env_file in gen.get("envs", []):
@@ -157,6 +158,9 @@ def _generated(stack: Stack) -> None:
         }
     for cm in stack.objects("ConfigMap"):
         stack.configmap_data[cm["metadata"]["name"]] = dict(cm.get("data", {}))
+    for cluster in stack.objects("RayCluster"):  # KubeRay's authOptions generates this one
+        if cluster["spec"].get("authOptions", {}).get("mode") == "token":
+            stack.secret_keys[cluster["metadata"]["name"]] = {"auth_token"}
 
 
 @pytest.fixture(scope="session")

@@ -167,9 +167,16 @@ def _k8s_pipeline_pods(stack):
     yield from stack.pod_specs(stack.one("CronJob"))
 
 
+def _operator_env(stack) -> set[str]:
+    """What KubeRay sets on every Ray container itself (authOptions token mode)."""
+    auth = stack.one("RayCluster")["spec"].get("authOptions", {})
+    return {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"} if auth.get("mode") == "token" else set()
+
+
 def test_pipeline_processes_get_storage_tracking_and_ray_credentials_on_kubernetes(stack):
     for label, t in stack.pod_specs(stack.one("RayCluster")):
-        missing = PIPELINE_ENV - set(stack.k8s_env(t["spec"]["containers"][0]))
+        env = set(stack.k8s_env(t["spec"]["containers"][0])) | _operator_env(stack)
+        missing = PIPELINE_ENV - env
         assert not missing, f"{label} lacks {sorted(missing)}"
 
 
@@ -177,7 +184,7 @@ def test_every_variable_the_code_reads_is_set_in_both_stacks(stack):
     read = env_read_by_code(stack.repo)
     assert "MLFLOW_TRACKING_URI" in read  # the scan itself works
     compose = set().union(*(stack.service(s).get("environment", {}) for s in COMPOSE_PIPELINE))
-    k8s = set().union(
+    k8s = _operator_env(stack).union(
         *(stack.k8s_env(c) for _, t in _k8s_pipeline_pods(stack) for c in stack.containers(t))
     )
     for name, where in sorted(read.items()):
