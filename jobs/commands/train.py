@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 from typing import Annotated
 
 import typer
@@ -74,7 +76,17 @@ def train(
         tracking_uri=tracking_uri,
     )
     cfg = load_config(RootConfig, config, [*(overrides or []), *extra])
-    result = run_train(cfg, dataset, run_name=run_name, progress=not quiet)
+    import ray
+
+    owns_ray = not ray.is_initialized()
+    # Ray forwards the workers' prints to the driver's stdout: keep them on stderr,
+    # and flush them all (shutdown) before printing, so that the URI stays last.
+    with contextlib.redirect_stdout(sys.stderr):
+        try:
+            result = run_train(cfg, dataset, run_name=run_name, progress=not quiet)
+        finally:
+            if owns_ray:
+                ray.shutdown()
     m = result.metrics
     typer.echo(f"run {result.run_name}: {result.steps} steps, mlflow run {result.mlflow_run_id}")
     if "val/loss" in m:

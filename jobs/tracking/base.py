@@ -38,6 +38,9 @@ class NullTracker:
     def set_tags(self, tags: dict[str, Any]) -> None:
         pass
 
+    def flush(self, timeout: float = 10.0) -> bool:
+        return True
+
     def close(self, status: str = "FINISHED") -> None:
         pass
 

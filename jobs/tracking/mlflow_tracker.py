@@ -62,6 +62,8 @@ class MlflowTracker:
         self.run_id: str | None = None
         self.resumed = False
         self.delivered = 0
+        self.dropped = 0
+        self._enqueued = 0
         self._queue: queue.Queue = queue.Queue()
         self._pending: list[tuple] = []
         self._artifact_seq = 0
@@ -79,14 +81,14 @@ class MlflowTracker:
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
-        self._queue.put(("metrics", {k: float(v) for k, v in metrics.items()}, step, now))
+        self._put(("metrics", {k: float(v) for k, v in metrics.items()}, step, now))
 
     def log_params(self, params: dict[str, Any]) -> None:
         flat = flatten_params(redact(params))
-        self._queue.put(("params", {k: _param_value(v) for k, v in flat.items()}))
+        self._put(("params", {k: _param_value(v) for k, v in flat.items()}))
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        self._queue.put(("tags", {k: str(v) for k, v in redact(tags).items()}))
+        self._put(("tags", {k: str(v) for k, v in redact(tags).items()}))
 
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
         """Copies the file now, so the caller may overwrite it while delivery is pending."""
@@ -94,7 +96,21 @@ class MlflowTracker:
         copy = self.spool_dir / "artifacts" / f"{self._artifact_seq:06d}" / Path(path).name
         copy.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, copy)
-        self._queue.put(("artifact", str(copy), artifact_path))
+        self._put(("artifact", str(copy), artifact_path))
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait (at most ``timeout``) until everything logged so far is delivered.
+
+        Returns at once while the server is known to be down: called at
+        checkpoints, so that metrics up to a checkpoint survive a hard kill of
+        this process, without ever making an outage stall training.
+        """
+        deadline = time.monotonic() + timeout
+        while self.delivered + self.dropped < self._enqueued:
+            if self._warned or not self._thread.is_alive() or time.monotonic() > deadline:
+                return False
+            time.sleep(0.005)
+        return True
 
     def wait_for_run(self, timeout: float) -> str | None:
         self._run_ready.wait(timeout)
@@ -106,6 +122,10 @@ class MlflowTracker:
         self._queue.put(("close",))
         self._wake.set()
         self._thread.join(self.close_timeout_s + 30)
+
+    def _put(self, item: tuple) -> None:
+        self._enqueued += 1
+        self._queue.put(item)
 
     # -- the background thread ----------------------------------------------------------
 
@@ -144,6 +164,7 @@ class MlflowTracker:
                 if self.run_id is not None and not _transient(e):
                     log.warning("MLflow rejected an item, dropping it: %s", str(e)[:300])
                     self._pending.pop(0)
+                    self.dropped += 1
                     continue
                 if not self._warned:
                     log.warning(
@@ -207,22 +228,22 @@ class MlflowTracker:
 
     def _deliver(self) -> None:
         while self._pending:
-            kind = self._pending[0][0]
+            kind, *args = self._pending[0]
             if kind == "metrics":
-                self._deliver_metrics()
-            elif kind == "params":
-                self._deliver_params(self._pending[0][1])
-                self._pending.pop(0)
-            elif kind == "tags":
-                self._deliver_tags(self._pending[0][1])
-                self._pending.pop(0)
+                done = self._deliver_metrics()
             else:
-                _, path, artifact_path = self._pending[0]
-                self._client.log_artifact(self.run_id, path, artifact_path)
-                self._pending.pop(0)
-            self.delivered += 1
+                if kind == "params":
+                    self._deliver_params(args[0])
+                elif kind == "tags":
+                    self._deliver_tags(args[0])
+                else:
+                    self._client.log_artifact(self.run_id, args[0], args[1])
+                done = 1
+            del self._pending[:done]
+            self.delivered += done
 
-    def _deliver_metrics(self) -> None:
+    def _deliver_metrics(self) -> int:
+        """Send the leading run of metric items as one batch; returns how many it took."""
         from mlflow.entities import Metric
 
         batch, taken = [], 0
@@ -232,9 +253,11 @@ class MlflowTracker:
             _, values, step, ts = item
             batch.extend(Metric(k, v, ts, step) for k, v in values.items())
             taken += 1
-        taken = max(taken, 1)
+        if taken == 0:
+            _, values, step, ts = self._pending[0]
+            batch, taken = [Metric(k, v, ts, step) for k, v in values.items()], 1
         self._client.log_batch(self.run_id, metrics=batch)
-        del self._pending[:taken]
+        return taken
 
     def _deliver_params(self, params: dict[str, str]) -> None:
         from mlflow.entities import Param

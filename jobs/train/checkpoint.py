@@ -14,12 +14,15 @@ Nothing is pickled: DCP stores tensors and a metadata file, the rest is JSON.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,6 +76,14 @@ class TrainerState:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
+@contextlib.contextmanager
+def _single_process_ok() -> Iterator[None]:
+    """DCP warns when used without a process group; one process is a supported case here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def config_hash(cfg: ModelConfig) -> str:
     text = json.dumps(cfg.to_dict(), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -90,7 +101,8 @@ def save_checkpoint(
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path / DCP_DIR))
+    with _single_process_ok():
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path / DCP_DIR))
     if rank == 0:
         (path / MODEL_CONFIG_FILE).write_text(json.dumps(model_cfg.to_dict(), indent=2))
         (path / STATE_FILE).write_text(state.to_json())
@@ -103,7 +115,8 @@ def load_training_checkpoint(
     path = Path(path)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     both = {"model": model_sd, "optim": optim_sd}
-    dcp.load(both, checkpoint_id=str(path / DCP_DIR))
+    with _single_process_ok():
+        dcp.load(both, checkpoint_id=str(path / DCP_DIR))
     set_state_dict(model, optimizer, model_state_dict=both["model"], optim_state_dict=both["optim"])
     return read_state(path)
 
@@ -118,7 +131,8 @@ def load_model_weights(uri: str, model: nn.Module, model_cfg: ModelConfig) -> No
             raise JobError(f"init_from {uri}: model config differs ({change})")
         model_sd = get_model_state_dict(model)
         sd = {"model": model_sd}
-        dcp.load(sd, checkpoint_id=str(path / DCP_DIR))
+        with _single_process_ok():
+            dcp.load(sd, checkpoint_id=str(path / DCP_DIR))
         set_model_state_dict(model, sd["model"])
     finally:
         if temporary:
@@ -185,7 +199,8 @@ def load_checkpoint_model(uri: str) -> tuple[MoETransformer, ModelConfig, dict[s
         cfg = ModelConfig.from_dict(json.loads((path / MODEL_CONFIG_FILE).read_text()))
         model = MoETransformer(cfg)
         sd = {"model": model.state_dict()}
-        dcp.load(sd, checkpoint_id=str(path / DCP_DIR))
+        with _single_process_ok():
+            dcp.load(sd, checkpoint_id=str(path / DCP_DIR))
         model.load_state_dict(sd["model"])
         state = json.loads((path / STATE_FILE).read_text())
         return model.eval(), cfg, state

@@ -111,6 +111,9 @@ def _fit(
 
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS", "local"))
+    # Ray Train gives a worker group 60 s to start; a busy node importing torch in
+    # several fresh processes, or a cluster pulling images, can need more.
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
     t = cfg.train
     use_gpu = t.use_gpu if t.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     sink = progress_sink_actor()

@@ -26,6 +26,7 @@ class WorkerEnv(Protocol):
     rank: int
     world_size: int
     device: torch.device
+    keeps_checkpoints: bool
 
     def restore_dir(self) -> contextlib.AbstractContextManager[str | None]: ...
 
@@ -37,22 +38,28 @@ class WorkerEnv(Protocol):
 
 
 class LocalEnv:
-    """One process, checkpoints in ``out_dir/checkpoint_XXXXXXXX``, the last ``keep`` kept."""
+    """One process, checkpoints in ``out_dir/checkpoint_XXXXXXXX``, the last ``keep`` kept.
+
+    ``out_dir=None`` keeps no checkpoints (benchmarks).
+    """
 
     def __init__(
         self,
-        out_dir: str | Path,
+        out_dir: str | Path | None,
         keep: int = 3,
         device: torch.device | None = None,
         on_progress: Callable[[dict[str, float]], None] | None = None,
     ) -> None:
-        self.out_dir = Path(out_dir)
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.keeps_checkpoints = out_dir is not None
         self.keep = keep
         self.rank, self.world_size = 0, 1
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.on_progress = on_progress
 
     def checkpoints(self) -> list[Path]:
+        if self.out_dir is None:
+            return []
         found = self.out_dir.glob("checkpoint_*")
         return sorted(p for p in found if (p / STATE_FILE).is_file())
 

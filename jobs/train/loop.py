@@ -288,6 +288,11 @@ class Loop:
             self.tracker.log_artifact(str(self.routing.heatmap), "routing")
 
     def checkpoint(self, step: int) -> None:
+        # Metrics up to a checkpoint must outlive a hard kill: the steps after it are
+        # re-logged on resume, the ones before it never would be.
+        self.tracker.flush()
+        if not self.env.keeps_checkpoints:
+            return
         local = Path(tempfile.mkdtemp(prefix="moe-ckpt-"))
         try:
             t = self.s.trainee

@@ -20,6 +20,8 @@ _REPORTED = ("train/loss", "val/loss", "train/tokens_seen")
 
 
 class RayEnv:
+    keeps_checkpoints = True
+
     def __init__(self, run_uri: str, progress_sink=None) -> None:
         ctx = ray.train.get_context()
         self.rank = ctx.get_world_rank()

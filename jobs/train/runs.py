@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
 from jobs.train.checkpoint import MODEL_CONFIG_FILE, STATE_FILE, TrainerState
+
+CHECKPOINT_NAME = re.compile(r"checkpoint_\d{8}")
 
 
 def is_remote(uri: str) -> bool:
@@ -34,11 +37,8 @@ def latest_checkpoint(run_uri: str) -> SavedCheckpoint | None:
     fs, path = filesystem(run_uri)
     if not fs.exists(path):
         return None
-    names = sorted(
-        p.rstrip("/").rsplit("/", 1)[-1]
-        for p in fs.ls(path, detail=False)
-        if p.rstrip("/").rsplit("/", 1)[-1].startswith("checkpoint_")
-    )
+    listed = (p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
+    names = sorted(name for name in listed if CHECKPOINT_NAME.fullmatch(name))
     for name in reversed(names):
         base = f"{path.rstrip('/')}/{name}"
         if fs.exists(f"{base}/{STATE_FILE}"):

@@ -1,0 +1,208 @@
+"""Training throughput benchmark; prints one JSON object.
+
+The plain worker loop (``jobs.train.loop``, no Ray) on the current device:
+tokens/s, MFU and the fraction of step time spent waiting for data, measured
+over the steps after a warm-up. With ``--ray`` the same loop, data and config
+also run as a 1-worker Ray Train job in this process, and the JSON gives the
+ratio of the two throughputs (Ray Train's overhead per step).
+
+Data goes through the real path: ``prepare`` packs text (tinyshakespeare when
+/work/shared/data has it, else generated words) into Parquet shards, the
+trainer reads them through the sampler with background prefetch.
+
+    python bench/train_throughput.py                        # CPU, debug preset
+    python bench/train_throughput.py --ray                  # + Ray Train 1 worker
+    python bench/train_throughput.py --preset small --seq-len 2048 --micro-batch 8 \\
+        --precision bf16                                    # one GPU, no Ray
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from jobs.tracking.base import NullTracker  # noqa: E402
+
+SHAKESPEARE = Path("/work/shared/data/tinyshakespeare.txt")
+
+
+class Recorder(NullTracker):
+    """A tracker that keeps every logged metric dict; ``create()`` makes it a tracking spec."""
+
+    def __init__(self) -> None:
+        self.logs: list[tuple[int, dict[str, float]]] = []
+
+    def create(self) -> Recorder:
+        return self
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        self.logs.append((step, dict(metrics)))
+
+
+def corpus(folder: Path, megabytes: float) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    if SHAKESPEARE.is_file():
+        text = SHAKESPEARE.read_text()
+    else:
+        rng = random.Random(0)
+        words = ["".join(rng.choices("etaoinshrdlucmfw", k=rng.randint(2, 8))) for _ in range(3000)]
+        text = " ".join(rng.choice(words) for _ in range(200_000))
+    target = int(megabytes * 1e6)
+    copies = max(1, target // max(1, len(text)))
+    for i in range(copies):
+        (folder / f"part{i:03d}.txt").write_text(text)
+    return folder
+
+
+def build_dataset(args, work: Path) -> str:
+    from pipeline.config import PrepareConfig
+    from pipeline.prepare import prepare
+
+    cfg = PrepareConfig(
+        name="bench",
+        inputs=[str(corpus(work / "corpus", args.corpus_mb))],
+        seq_len=args.seq_len,
+        vocab_size=args.vocab_size,
+        val_fraction=0.01,
+        txt_split="paragraph",
+        shard_rows=256,
+    )
+    return prepare(cfg, str(work / "data"), progress=False, executor="local").uri
+
+
+def root_config(args):
+    from jobs.config import RootConfig
+    from jobs.settings import load_config
+
+    sets = [
+        f"model.preset={args.preset}",
+        f"train.max_steps={args.warmup + args.steps}",
+        f"train.micro_batch_size={args.micro_batch}",
+        "train.log_every=1",
+        f"train.eval_every={10**6}",
+        "train.eval_batches=1",
+        "train.sample_prompts=[]",
+        f"train.precision={args.precision}",
+        f"train.compile={args.compile}",
+        f"train.activation_checkpointing={args.activation_checkpointing}",
+        "train.warmup_steps=1",
+    ]
+    return load_config(RootConfig, None, sets)
+
+
+def summarize(logs: list[tuple[int, dict]], warmup: int) -> dict[str, float]:
+    """Aggregate the per-step perf metrics after the warm-up steps."""
+    rows = [m for step, m in logs if step > warmup and "perf/step_time_s" in m]
+    total_time = sum(m["perf/step_time_s"] for m in rows)
+    tokens = sum(m["perf/tokens_per_s"] * m["perf/step_time_s"] for m in rows)
+    waits = sum(m["perf/data_wait_frac"] * m["perf/step_time_s"] for m in rows)
+    tokens_per_s = tokens / total_time
+    mfu = sum(m["perf/mfu"] * m["perf/step_time_s"] for m in rows) / total_time
+    return {
+        "tokens_per_s": round(tokens_per_s, 1),
+        "mfu": round(mfu, 4),
+        "data_wait_frac": round(waits / total_time, 4),
+        "step_time_s": round(total_time / len(rows), 5),
+        "measured_steps": len(rows),
+        "final_loss": round(rows[-1]["train/loss"], 4),
+    }
+
+
+def run_plain(args, dataset: str) -> dict[str, float]:
+    from jobs.train import loop
+    from jobs.train.env import LocalEnv
+
+    recorder = Recorder()
+    loop.run(root_config(args), dataset, LocalEnv(None), tracking=recorder)
+    return summarize(recorder.logs, args.warmup)
+
+
+def ray_train_fn(config: dict) -> list:
+    from jobs.config import RootConfig
+    from jobs.train import loop
+    from jobs.train.ray_worker import RayEnv
+
+    class NoCheckpoints(RayEnv):
+        keeps_checkpoints = False
+
+    recorder = Recorder()
+    root = RootConfig.model_validate(config["root"])
+    loop.run(root, config["dataset"], NoCheckpoints("bench"), tracking=recorder)
+    return recorder.logs
+
+
+def run_ray(args, dataset: str, work: Path) -> dict[str, float]:
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    if not ray.is_initialized():
+        ray.init(
+            address="local",
+            include_dashboard=False,
+            runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}},
+        )
+    use_gpu = torch.cuda.is_available()
+    trainer = TorchTrainer(
+        ray_train_fn,
+        train_loop_config={"root": root_config(args).model_dump(mode="json"), "dataset": dataset},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=1, use_gpu=use_gpu, resources_per_worker={"CPU": args.threads}
+        ),
+        run_config=ray.train.RunConfig(name="bench", storage_path=str(work / "ray")),
+    )
+    return summarize(trainer.fit().return_value, args.warmup)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="debug")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--vocab-size", type=int, default=512)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (Ray workers get as many).")
+    p.add_argument("--corpus-mb", type=float, default=2.0)
+    p.add_argument("--ray", action="store_true", help="Also run Ray Train with 1 worker.")
+    args = p.parse_args()
+
+    torch.set_num_threads(args.threads)
+    work = Path(tempfile.mkdtemp(prefix="bench-train-"))
+    start = time.perf_counter()
+    dataset = build_dataset(args, work)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    out = {
+        "device": device,
+        "torch": torch.__version__,
+        "preset": args.preset,
+        "seq_len": args.seq_len,
+        "micro_batch": args.micro_batch,
+        "precision": args.precision,
+        "threads": args.threads,
+        "prepare_s": round(time.perf_counter() - start, 2),
+        "plain": run_plain(args, dataset),
+    }
+    if args.ray:
+        out["ray_1_worker"] = run_ray(args, dataset, work)
+        out["ray_vs_plain_tokens_per_s"] = round(
+            out["ray_1_worker"]["tokens_per_s"] / out["plain"]["tokens_per_s"], 4
+        )
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
