@@ -224,3 +224,28 @@ def test_export_hf_and_generate_from_registry(dataset, models, mlflow_uri, tmp_p
 
     assert printed == prompt + generate_text(load_hf_folder(folder), prompt, 6)
     assert len(printed) > len(prompt)
+
+
+def test_gate_modes_and_margin():
+    from types import SimpleNamespace
+
+    from jobs.service.config import RegistryConfig
+    from jobs.service.registry import decide
+
+    champ = SimpleNamespace(version="3", tags={})
+
+    def at(loss):
+        return lambda mv: (loss, "recorded")
+
+    loss = RegistryConfig()
+    assert decide(loss, "val/loss", 2.0, None, at(9.0)).promote
+    assert decide(loss, "val/loss", 2.0, champ, at(2.5)).promote
+    assert not decide(loss, "val/loss", 2.5, champ, at(2.5)).promote  # a tie keeps the champion
+    margin = RegistryConfig(gate_min_delta=0.6)
+    assert not decide(margin, "val/loss", 2.0, champ, at(2.5)).promote
+    assert decide(margin, "val/loss", 1.8, champ, at(2.5)).promote
+    never, always = RegistryConfig(gate="never"), RegistryConfig(gate="always")
+    assert not decide(never, "val/loss", 0.1, None, at(9.0)).promote
+    assert decide(always, "val/loss", 9.0, champ, at(0.1)).promote
+    kept = decide(loss, "val/loss", 0.1, champ, lambda mv: (None, "it uses another tokenizer"))
+    assert not kept.promote and "another tokenizer" in kept.reason
