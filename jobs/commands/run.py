@@ -40,7 +40,10 @@ def run(
     for key in ("val/loss", "heldout/loss", "val/perplexity"):
         if key in result.metrics:
             typer.echo(f"{key} = {result.metrics[key]:.4f}", err=True)
-    champion = "became champion" if result.became_champion else "champion unchanged"
+    if result.cache_hits.get("register"):
+        champion = "registered by an earlier run (cache hit)"
+    else:
+        champion = "became champion" if result.became_champion else "champion unchanged"
     typer.echo(f"pipeline run {result.parent_run_id}; {champion}", err=True)
     typer.echo(result.model_uri)
 
