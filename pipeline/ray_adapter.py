@@ -29,12 +29,15 @@ TASK_CPUS = 0.25
 BLOCK_BYTES = 8 << 20
 
 
-def ensure_ray() -> None:
-    """Use the Ray the caller started, else a local one (never a remote cluster by surprise)."""
+def ensure_ray(log_to_driver: bool = False) -> None:
+    """Use the Ray the caller started; inside a Ray job (``RAY_ADDRESS`` set) join that
+    cluster; else start a local one. Never ``address="auto"``: a cluster that some
+    ``ray start`` left on this machine must not get work by surprise."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(address="local", include_dashboard=False, log_to_driver=False)
+        address = os.environ.get("RAY_ADDRESS") or "local"
+        ray.init(address=address, include_dashboard=False, log_to_driver=log_to_driver)
 
 
 def cluster_cpus() -> int:
