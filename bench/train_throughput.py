@@ -50,16 +50,17 @@ class Recorder(NullTracker):
 
 
 def corpus(folder: Path, megabytes: float) -> Path:
+    """``megabytes`` of text in 1 MB files, paragraphs as documents (distinct: dedup keeps them)."""
     folder.mkdir(parents=True, exist_ok=True)
-    if SHAKESPEARE.is_file():
-        text = SHAKESPEARE.read_text()
-    else:
-        rng = random.Random(0)
-        words = ["".join(rng.choices("etaoinshrdlucmfw", k=rng.randint(2, 8))) for _ in range(3000)]
-        text = " ".join(rng.choice(words) for _ in range(200_000))
-    target = int(megabytes * 1e6)
-    copies = max(1, target // max(1, len(text)))
-    for i in range(copies):
+    base = SHAKESPEARE.read_text() if SHAKESPEARE.is_file() else None
+    rng = random.Random(0)
+    words = ["".join(rng.choices("etaoinshrdlucmfw", k=rng.randint(2, 8))) for _ in range(3000)]
+    for i in range(max(1, round(megabytes))):
+        if base is not None and i == 0:
+            text = base
+        else:
+            paragraphs = (" ".join(rng.choices(words, k=120)) for _ in range(1300))
+            text = "\n\n".join(paragraphs)
         (folder / f"part{i:03d}.txt").write_text(text)
     return folder
 

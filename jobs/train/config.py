@@ -54,7 +54,7 @@ class TrainConfig(BaseModel):
 
     strategy: Literal["ddp", "fsdp"] = "ddp"
     precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="auto = bf16 autocast on GPU, fp32 on CPU."
+        "auto", description="auto = bf16 compute (fp32 master weights) on GPU, fp32 on CPU."
     )
     activation_checkpointing: bool = False
     compile: bool = False

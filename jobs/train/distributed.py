@@ -2,14 +2,17 @@
 
 As in torchtitan's ``parallelize.py``: the model stays plain PyTorch; here we
 add activation checkpointing and ``torch.compile`` per transformer block, then
-wrap in DDP (default) or shard with FSDP2 ``fully_shard``. Parameter names
-(FQNs) are unchanged by the first two, so checkpoints do not depend on them.
+wrap in DDP (fp32, the default) or apply FSDP2 ``fully_shard`` (strategy
+``fsdp``, and every bf16 run: its mixed-precision policy is how bf16 compute
+with fp32 master weights is done). Parameter names (FQNs) stay the same, so
+checkpoints do not depend on the strategy.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 from collections.abc import Iterator
 
 import torch
@@ -48,20 +51,38 @@ def apply_compile(model: MoETransformer) -> None:
         block.compile()
 
 
-def apply_fsdp(model: MoETransformer, bf16: bool) -> nn.Module:
-    """FSDP2: each block is one all-gather unit, the root holds embeddings and head.
+def ensure_process_group(device: torch.device) -> None:
+    """FSDP needs a process group even on one device: a private single-rank one."""
+    if dist.is_initialized():
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 
-    With bf16 the sharded master weights stay fp32, compute runs in bf16 and
-    gradients are reduced in fp32 (torchtitan's default mixed-precision policy).
+
+def apply_fsdp(model: MoETransformer, device: torch.device, shard: bool, bf16: bool) -> nn.Module:
+    """FSDP2 ``fully_shard`` per block, then the root (embeddings, final norm, head).
+
+    ``shard=False`` keeps full replicas (a replicate x shard mesh with shard size
+    1: DDP's semantics) and is how bf16 runs under strategy ``ddp``: FSDP2's
+    mixed-precision policy computes in bf16 from fp32 master weights and reduces
+    gradients in fp32 (torchtitan's default), and unlike autocast it makes the
+    activations bf16, which the MoE's grouped GEMM needs.
     """
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    ensure_process_group(device)
+    n = dist.get_world_size()
+    if shard:
+        mesh = init_device_mesh(device.type, (n,), mesh_dim_names=("shard",))
+    else:
+        mesh = init_device_mesh(device.type, (n, 1), mesh_dim_names=("replicate", "shard"))
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    kwargs = {"mp_policy": mp} if bf16 else {}
+    kwargs = {"mesh": mesh, **({"mp_policy": mp} if bf16 else {})}
     for i, block in enumerate(model.layers):
         # The last block's parameters are needed again at once by backward.
-        fully_shard(block, reshard_after_forward=i < len(model.layers) - 1, **kwargs)
-    fully_shard(model, **kwargs)
+        fully_shard(block, reshard_after_forward=shard and i < len(model.layers) - 1, **kwargs)
+    fully_shard(model, reshard_after_forward=shard, **kwargs)
     return model
 
 
@@ -73,19 +94,26 @@ def parallelize(
     activation_checkpointing: bool = False,
     compile: bool = False,
 ) -> nn.Module:
-    """The module to train: ``model`` itself on one worker, else DDP or FSDP around it."""
+    """The module to train: the model itself, DDP around it, or FSDP2 applied to it."""
     if activation_checkpointing:
         apply_activation_checkpointing(model)
     if compile:
         apply_compile(model)
+    if strategy == "fsdp" or bf16:
+        return apply_fsdp(model, device, shard=strategy == "fsdp", bf16=bf16)
     if world_size() == 1:
         return model
-    if strategy == "fsdp":
-        return apply_fsdp(model, bf16)
     # Router bias buffers are kept equal by update_router_biases(all_reduce) and the
     # RoPE tables are constants, so syncing buffers before every forward is pure overhead.
     device_ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids, forward_sync_buffers=False)
+    return DistributedDataParallel(model, device_ids=device_ids, **_no_buffer_sync())
+
+
+def _no_buffer_sync() -> dict[str, bool]:
+    """``forward_sync_buffers`` replaced ``broadcast_buffers`` in torch 2.13."""
+    params = inspect.signature(DistributedDataParallel).parameters
+    key = "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"
+    return {key: False}
 
 
 @contextlib.contextmanager
@@ -108,10 +136,3 @@ def grad_sync(module: nn.Module, enabled: bool) -> Iterator[None]:
 
 def uses_fsdp(module: nn.Module) -> bool:
     return hasattr(module, "set_requires_gradient_sync")
-
-
-def autocast(device: torch.device, bf16: bool, fsdp: bool) -> contextlib.AbstractContextManager:
-    """bf16 autocast with fp32 master weights; FSDP's policy does the casting itself."""
-    if not bf16 or fsdp:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)

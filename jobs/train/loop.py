@@ -77,11 +77,14 @@ def build(
     _check_fits(reader, model_cfg)
     bf16 = use_bf16(cfg.precision, env.device)
     torch.manual_seed(cfg.seed)
-    raw = MoETransformer(model_cfg).to(env.device)
+    # Built on the device: initialising a billion parameters on the host takes a while.
+    # Every rank draws the same weights (same seed, same device type), as FSDP needs.
+    with env.device:
+        raw = MoETransformer(model_cfg)
     module = parallelize(
         raw, cfg.strategy, env.device, bf16, cfg.activation_checkpointing, cfg.compile
     )
-    optimizer = build_optimizer(module, cfg, fused=env.device.type == "cuda")
+    optimizer = build_optimizer(module, cfg)
     trainee = Trainee(raw, module, optimizer, env.device, bf16)
     accum = cfg.grad_accum(reader.seq_len, env.world_size)
     global_batch = cfg.global_batch_size(reader.seq_len, env.world_size)

@@ -12,7 +12,6 @@ import torch
 
 from jobs.tracking.artifacts import SAMPLES, append_samples
 from jobs.train.config import TrainConfig
-from jobs.train.distributed import autocast, uses_fsdp
 from jobs.train.step import Trainee
 
 
@@ -32,10 +31,9 @@ def generate_samples(
             if not ids:
                 continue
             input_ids = torch.tensor([ids], device=tr.device)
-            with autocast(tr.device, tr.bf16, uses_fsdp(tr.module)):
-                out = tr.raw.generate(
-                    input_ids, cfg.sample_max_new_tokens, eos_token_id=reader.eos_token_id
-                )
+            out = tr.raw.generate(
+                input_ids, cfg.sample_max_new_tokens, eos_token_id=reader.eos_token_id
+            )
             pairs.append((prompt, tokenizer.decode(out[0, len(ids) :].tolist())))
     finally:
         tr.module.train()

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from jobs.train.distributed import all_reduce_sum, autocast, grad_sync, uses_fsdp, world_size
+from jobs.train.distributed import all_reduce_sum, grad_sync, world_size
 from jobs.train.optim import set_lr
 from moe_model import MoETransformer
 
@@ -54,8 +54,7 @@ def forward_loss(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list]:
     """(loss, ce, aux, z, routing) of one micro batch of rows of length seq_len + 1."""
     cfg = tr.raw.config
-    with autocast(tr.device, tr.bf16, uses_fsdp(tr.module)):
-        out = tr.module(batch_BR[:, :-1])
+    out = tr.module(batch_BR[:, :-1])
     logits_BTV = out.logits
     ce = F.cross_entropy(logits_BTV.flatten(0, 1).float(), batch_BR[:, 1:].flatten())
     loss = ce + cfg.aux_loss_coef * out.aux_loss + cfg.z_loss_coef * out.z_loss
