@@ -3,7 +3,9 @@
 Everything order-dependent happens here, on the stream that the parallel
 stages deliver in input order, which is what makes the output identical at
 any parallelism. It holds one packer carry and one pending shard per split,
-so memory does not grow with the corpus (besides the dedup hashes).
+so memory does not grow with the corpus (besides the document hashes: the
+dedup set and the kept documents' hashes, 8 bytes each, stored for later
+incremental builds).
 """
 
 from __future__ import annotations
@@ -30,9 +32,18 @@ def val_threshold(val_fraction: float) -> np.uint64:
 
 
 class Assembler:
-    def __init__(self, cfg: PrepareConfig, dataset_uri: str, dtype: np.dtype):
+    def __init__(
+        self,
+        cfg: PrepareConfig,
+        dataset_uri: str,
+        dtype: np.dtype,
+        seen: np.ndarray | None = None,
+    ):
+        """``seen``: hashes of documents kept by the dataset this build extends."""
         self.cfg = cfg
         self.dedup = Deduper(cfg.dedup)
+        if seen is not None:
+            self.dedup.seed(seen)
         self.quarantine = QuarantineWriter(dataset_uri, cfg.s3)
         self.packers = {s: Packer(cfg.row_len, dtype) for s in SPLITS}
         self.writers = {
@@ -41,6 +52,7 @@ class Assembler:
         }
         self.documents = dict.fromkeys(SPLITS, 0)
         self.records_in = 0
+        self.kept_hashes: list[np.ndarray] = []
         self.done = False
         self._val = val_threshold(cfg.val_fraction)
 
@@ -64,6 +76,7 @@ class Assembler:
         self.records_in += table.num_rows
         self._quarantine(table.filter(pa.array(~ok)))
         ids = table.column("ids").take(pa.array(good_rows))
+        self.kept_hashes.append(hashes[keep])
         is_val = hashes.view(np.uint64) < self._val
         for split, mask in (("train", keep & ~is_val), ("val", keep & is_val)):
             self._pack(split, ids.filter(pa.array(mask)))

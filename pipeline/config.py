@@ -2,8 +2,9 @@
 
 Everything that changes the bytes of the output is part of the dataset
 fingerprint; ``RUNTIME_ONLY`` lists the keys that only change how fast it runs
-(parallelism, batch sizes) or how storage is reached (credentials), which are
-left out of it so that a rerun on a bigger machine is still a cache hit.
+(parallelism, batch sizes), how storage is reached (credentials) or whether
+an earlier dataset may be extended (an extension's fingerprint hashes its
+base's instead), which are left out of it so that a rerun on a bigger machine is still a cache hit.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator
 
-RUNTIME_ONLY = ("num_workers", "batch_size", "s3")
+RUNTIME_ONLY = ("num_workers", "batch_size", "s3", "incremental")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -88,6 +89,11 @@ class PrepareConfig(_Section):
         10_000_000, gt=0, description="Characters (stable order) the BPE is trained on."
     )
     special_tokens: SpecialTokens = SpecialTokens()
+    incremental: bool = Field(
+        True,
+        description="When only new files appeared since a committed dataset of this name "
+        "and config, tokenize just those and reuse its shards and tokenizer.",
+    )
 
     shard_rows: int = Field(8192, gt=0, description="Packed rows per Parquet shard.")
     num_workers: int | None = Field(

@@ -17,6 +17,10 @@ class Deduper:
         self.seen: set[int] = set()
         self.removed = 0
 
+    def seed(self, hashes: np.ndarray) -> None:
+        """Documents kept earlier (an incremental build's base): their copies are duplicates."""
+        self.seen.update(hashes.tolist())
+
     def select(self, hashes: np.ndarray, budget: int | None = None) -> tuple[np.ndarray, int]:
         """``(keep mask, rows consumed)``; stops after ``budget`` kept documents."""
         keep = np.zeros(len(hashes), bool)

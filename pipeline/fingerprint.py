@@ -2,7 +2,8 @@
 
 It hashes everything that decides the output bytes: the input listing (path,
 size, mtime or ETag), the resolved config less runtime-only keys, the
-tokenizer's identity and ``FORMAT_VERSION``. Touching an input file changes
+tokenizer's identity, ``FORMAT_VERSION`` and, for an incremental build, the
+fingerprint of the dataset it extends. Touching an input file changes
 its mtime and so the fingerprint: a cautious miss, never a stale hit.
 """
 
@@ -18,12 +19,20 @@ from pipeline.sources import SourceFile
 LENGTH = 16
 
 
-def fingerprint(sources: list[SourceFile], cfg: PrepareConfig, tokenizer_identity: str) -> str:
+def fingerprint(
+    sources: list[SourceFile],
+    cfg: PrepareConfig,
+    tokenizer_identity: str,
+    base: str | None = None,
+) -> str:
+    """``base``: the fingerprint of the dataset an incremental build extends."""
     payload = {
         "format_version": FORMAT_VERSION,
         "sources": [s.listing_entry() for s in sources],
         "config": cfg.fingerprint_view(),
         "tokenizer": tokenizer_identity,
     }
+    if base is not None:
+        payload["base"] = base
     blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode("utf-8")
     return hashlib.sha256(blob).hexdigest()[:LENGTH]

@@ -12,7 +12,7 @@ from typing import Any
 
 from pipeline.config import S3Options
 from pipeline.errors import ManifestError
-from pipeline.storage import exists, join, read_bytes, write_bytes_atomic
+from pipeline.storage import exists, join, read_bytes, remove, write_bytes_atomic
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -30,6 +30,12 @@ def write_manifest(dataset_uri: str, manifest: dict[str, Any], s3: S3Options | N
 
 def has_manifest(dataset_uri: str, s3: S3Options | None = None) -> bool:
     return exists(join(dataset_uri, MANIFEST), s3)
+
+
+def uncommit(dataset_uri: str, s3: S3Options | None = None) -> None:
+    """Remove the commit marker before rewriting a folder in place (a forced rebuild)."""
+    if has_manifest(dataset_uri, s3):
+        remove(join(dataset_uri, MANIFEST), s3)
 
 
 def read_manifest(dataset_uri: str, s3: S3Options | None = None) -> dict[str, Any]:

@@ -1,10 +1,12 @@
 """``prepare``: corpus in, committed dataset out (or the one already committed).
 
-list sources -> fingerprint -> cache hit? -> tokenizer (load, or train on a
+list sources -> fingerprint -> cache hit? -> base to extend? (see
+``pipeline.incremental``) -> tokenizer (the base's, loaded, or trained on a
 sample of the cleaned stream) -> read+clean (tasks) -> tokenize (actor pool)
--> ordered pack + write in the driver -> tokenizer.json -> list and verify ->
-manifest.json last. A run killed at any point leaves no manifest; the rerun
-has the same fingerprint and rewrites the same files, then commits.
+-> ordered pack + write in the driver -> tokenizer.json, doc_hashes.npy ->
+list and verify -> manifest.json last. A run killed at any point leaves no
+manifest; the rerun has the same fingerprint and rewrites the same files,
+then commits.
 """
 
 from __future__ import annotations
@@ -16,13 +18,16 @@ from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline import ray_adapter
+from pipeline import incremental, ray_adapter
 from pipeline.assemble import Assembler
 from pipeline.clean import CleanStage
 from pipeline.config import PrepareConfig
+from pipeline.doc_hashes import FILE as DOC_HASHES
+from pipeline.doc_hashes import write_doc_hashes
 from pipeline.errors import StorageError
 from pipeline.fingerprint import fingerprint
 from pipeline.manifest import (
@@ -31,6 +36,7 @@ from pipeline.manifest import (
     has_manifest,
     now_iso,
     read_manifest,
+    uncommit,
     write_manifest,
 )
 from pipeline.progress import Progress
@@ -60,31 +66,80 @@ class PrepareResult:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
-def dataset_uri(root: str, cfg: PrepareConfig, fp: str) -> str:
-    """Absolute for local roots: Ray workers do not share the driver's working directory."""
+def datasets_uri(root: str, cfg: PrepareConfig) -> str:
+    """``{root}/datasets/{name}``: every build of this dataset name, one folder each.
+
+    Absolute for local roots: Ray workers do not share the driver's working directory."""
     if not is_remote(root):
         root = os.path.abspath(root.removeprefix("file://"))
-    return join(root, "datasets", cfg.name, fp)
+    return join(root, "datasets", cfg.name)
+
+
+def dataset_uri(root: str, cfg: PrepareConfig, fp: str) -> str:
+    return join(datasets_uri(root, cfg), fp)
+
+
+@dataclass
+class _Plan:
+    """Where the dataset for this config lives, and whether it is committed or extends one."""
+
+    sources: list[SourceFile]
+    identity: str
+    fp: str
+    uri: str
+    base: incremental.Found | None = None
+    committed: dict[str, Any] | None = None
 
 
 def prepare(
-    cfg: PrepareConfig, root: str, progress: bool = True, executor: Executor = "ray"
+    cfg: PrepareConfig,
+    root: str,
+    progress: bool = True,
+    executor: Executor = "ray",
+    force: bool = False,
 ) -> PrepareResult:
     """Build (or find) the dataset for ``cfg`` under ``root``; ``executor="local"`` runs
-    the same stages in this process without Ray (tests, benchmarks)."""
+    the same stages in this process without Ray (tests, benchmarks). ``force`` rebuilds
+    in full, in place, even when the dataset is committed or could extend an earlier one."""
     start = time.monotonic()
+    plan = _plan(cfg, root, force)
+    if plan.committed is not None:
+        return PrepareResult(plan.uri, plan.committed, True, time.monotonic() - start)
+    return _build(cfg, plan, executor, progress, start)
+
+
+def _plan(cfg: PrepareConfig, root: str, force: bool) -> _Plan:
     sources = list_sources(cfg.inputs, cfg.s3)
-    fp = fingerprint(sources, cfg, tokenizer_identity(cfg))
-    uri = dataset_uri(root, cfg, fp)
-    if has_manifest(uri, cfg.s3):
-        return PrepareResult(uri, read_manifest(uri, cfg.s3), True, time.monotonic() - start)
+    identity = tokenizer_identity(cfg)
+    fp = fingerprint(sources, cfg, identity)
+    plan = _Plan(sources, identity, fp, dataset_uri(root, cfg, fp))
+    if force:
+        uncommit(plan.uri, cfg.s3)
+        return plan
+    if has_manifest(plan.uri, cfg.s3):
+        plan.committed = read_manifest(plan.uri, cfg.s3)
+        return plan
+    found = None
+    if incremental.applies(cfg):
+        found = incremental.find(datasets_uri(root, cfg), cfg, sources, identity)
+    if found is None:
+        return plan
+    if found.same:
+        return _Plan(sources, identity, found.fingerprint, found.uri, committed=found.manifest)
+    fp = fingerprint(sources, cfg, identity, found.fingerprint)
+    return _Plan(sources, identity, fp, dataset_uri(root, cfg, fp), base=found)
+
+
+def _build(
+    cfg: PrepareConfig, plan: _Plan, executor: Executor, progress: bool, start: float
+) -> PrepareResult:
     run = _runner(executor, cfg)
-    items = list(file_groups(sources))
+    base = plan.base
+    todo = incremental.new_sources(base, plan.sources) if base else plan.sources
+    items = list(file_groups(todo))
     with Progress(progress) as bar:
-        bar.status("training tokenizer" if not cfg.tokenizer else "loading tokenizer")
-        tok = _tokenizer(cfg, items)
+        assembler, tok = _setup(cfg, plan, items, bar)
         stages = [ReadStage(cfg), CleanStage(cfg.clean), _tokenize_stage(cfg, tok)]
-        assembler = Assembler(cfg, uri, token_dtype(cfg.vocab_size))
         with closing(run(items, stages)) as tables:
             for table in tables:
                 assembler.consume(table)
@@ -92,12 +147,29 @@ def prepare(
                 if assembler.done:
                     break
         stats = assembler.finish()
-    write_bytes_atomic(join(uri, "tokenizer.json"), tok.json.encode("utf-8"), cfg.s3)
+    write_bytes_atomic(join(plan.uri, "tokenizer.json"), tok.json.encode("utf-8"), cfg.s3)
+    kept = np.concatenate([np.empty(0, np.int64), *assembler.kept_hashes])
+    hashes = write_doc_hashes(plan.uri, kept, cfg.s3)
     seconds = time.monotonic() - start
-    manifest = _manifest(cfg, fp, sources, tok, stats, seconds)
-    _verify_and_tidy(uri, manifest, cfg)
-    write_manifest(uri, manifest, cfg.s3)
-    return PrepareResult(uri, manifest, False, seconds, stats)
+    manifest = _manifest(cfg, plan, tok, stats, seconds, hashes)
+    if base:
+        manifest = incremental.extend(base, manifest, todo)
+    _verify_and_tidy(plan.uri, manifest, cfg)
+    write_manifest(plan.uri, manifest, cfg.s3)
+    return PrepareResult(plan.uri, manifest, False, seconds, stats)
+
+
+def _setup(
+    cfg: PrepareConfig, plan: _Plan, items: list[dict], bar: Progress
+) -> tuple[Assembler, TokenizerBundle]:
+    """The tokenizer and the assembler: fresh, or continuing ``plan.base``."""
+    dtype = token_dtype(cfg.vocab_size)
+    if plan.base is None:
+        bar.status("training tokenizer" if not cfg.tokenizer else "loading tokenizer")
+        return Assembler(cfg, plan.uri, dtype), _tokenizer(cfg, items)
+    bar.status(f"extending dataset {plan.base.fingerprint}")
+    seen = incremental.base_hashes(plan.base, cfg) if cfg.dedup else None
+    return Assembler(cfg, plan.uri, dtype, seen), incremental.base_tokenizer(plan.base, cfg)
 
 
 def _runner(executor: Executor, cfg: PrepareConfig) -> Runner:
@@ -137,17 +209,17 @@ def _sample_texts(cfg: PrepareConfig, items: list[dict]) -> Iterator[str]:
 
 def _manifest(
     cfg: PrepareConfig,
-    fp: str,
-    sources: list[SourceFile],
+    plan: _Plan,
     tok: TokenizerBundle,
     stats: dict[str, Any],
     seconds: float,
+    doc_hashes: dict[str, Any],
 ) -> dict[str, Any]:
     tokens = sum(s["tokens"] for s in stats["splits"].values())
     return {
         "format_version": FORMAT_VERSION,
         "name": cfg.name,
-        "fingerprint": fp,
+        "fingerprint": plan.fp,
         "created_at": now_iso(),
         "seq_len": cfg.seq_len,
         "row_len": cfg.row_len,
@@ -159,26 +231,34 @@ def _manifest(
             "sha256": tok.sha256,
             "vocab_size": tok.vocab_size,
             "trained": cfg.tokenizer is None,
+            "identity": plan.identity,
         },
         "splits": stats["splits"],
         "quarantine": stats["quarantine"],
         "duplicates_removed": stats["duplicates_removed"],
         "records_read": stats["records_in"],
-        "sources": [s.listing_entry() for s in sources],
+        "doc_hashes": [doc_hashes],
+        "sources": [s.listing_entry() for s in plan.sources],
         "config": cfg.public_view(),
         "build": {"seconds": round(seconds, 3), "tokens_per_s": round(tokens / max(seconds, 1e-9))},
     }
 
 
 def _verify_and_tidy(uri: str, manifest: dict[str, Any], cfg: PrepareConfig) -> None:
-    """List the folder: every shard must be there at its size; files a killed run left
-    behind (temporary names, shards of an older attempt) go."""
+    """List the folder: every shard must be there, and every file reused from a base in
+    the base's folder; files a killed run left behind (temporary names, shards of an
+    older attempt) go."""
     present = list_files(uri, cfg.s3)
-    wanted = {"tokenizer.json", *manifest["quarantine"]["files"]}
+    wanted = {"tokenizer.json", DOC_HASHES, *manifest["quarantine"]["files"]}
+    reused = [e["path"] for e in manifest["doc_hashes"] if e["path"].startswith("../")]
     for split in manifest["splits"].values():
         for shard in split["shards"]:
+            if shard["path"].startswith("../"):
+                reused.append(shard["path"])
+                continue
             wanted.add(shard["path"])
             if shard["path"] not in present:
                 raise StorageError(f"shard {shard['path']} is missing from {uri} after writing")
+    incremental.check_references(uri, reused, cfg)
     for rel in sorted(set(present) - wanted - {MANIFEST}):
         remove(join(uri, rel), cfg.s3)

@@ -2,7 +2,9 @@
 
 Only what the manifest lists is read, and every shard's sha256 is checked
 before its rows are handed out, so a corrupt or half-copied shard fails loudly
-with its name instead of training on garbage.
+with its name instead of training on garbage. A shard path is relative to the
+dataset folder; an incremental dataset names its base's shards as
+``../{base}/train/part-00000.parquet``.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import pyarrow.parquet as pq
 from pipeline.config import S3Options
 from pipeline.errors import ChecksumError, PipelineError
 from pipeline.manifest import read_manifest
-from pipeline.storage import join, read_bytes
+from pipeline.storage import join, read_bytes, resolve
 
 
 class DatasetReader:
@@ -77,7 +79,7 @@ class DatasetReader:
         if not 0 <= i < len(shards):
             raise PipelineError(f"shard {i} out of range: split {split!r} has {len(shards)}")
         meta = shards[i]
-        uri = join(self.uri, meta["path"])
+        uri = resolve(self.uri, meta["path"])
         try:
             data = read_bytes(uri, self.s3)
         except FileNotFoundError:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import posixpath
 import uuid
 from typing import Any
 
@@ -52,6 +53,15 @@ def filesystem(uri: str, s3: S3Options | None = None) -> tuple[fsspec.AbstractFi
 
 def join(uri: str, *parts: str) -> str:
     return "/".join([uri.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def resolve(dataset_uri: str, rel: str) -> str:
+    """A manifest path as a URI: relative to the dataset folder (``..`` allowed, which is how
+    an incremental dataset names the shards of its base), or already absolute."""
+    if "://" in rel or rel.startswith("/"):
+        return rel
+    scheme, sep, path = dataset_uri.rpartition("://")
+    return f"{scheme}{sep}{posixpath.normpath(posixpath.join(path, rel))}"
 
 
 def sha256_file(fs: fsspec.AbstractFileSystem, path: str, chunk: int = 1 << 22) -> str:

@@ -25,6 +25,12 @@ VocabOpt = Annotated[
     int | None, typer.Option("--vocab-size", help="data.vocab_size: BPE vocabulary size.")
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")]
+ForceOpt = Annotated[
+    bool,
+    typer.Option(
+        "--force", help="Rebuild in full, even if committed or able to extend an earlier build."
+    ),
+]
 
 
 def flag_overrides(
@@ -53,6 +59,7 @@ def prepare(
     vocab_size: VocabOpt = None,
     overrides: SetOpt = None,
     quiet: QuietOpt = False,
+    force: ForceOpt = False,
 ) -> None:
     """Clean, dedup, tokenize and pack a corpus into a checksummed Parquet dataset."""
     from jobs.config import RootConfig
@@ -61,7 +68,7 @@ def prepare(
 
     extra = flag_overrides(inputs, output, seq_len, vocab_size)
     cfg = load_config(RootConfig, config, [*(overrides or []), *extra])
-    result = run_prepare(cfg.data, cfg.storage.root, progress=not quiet)
+    result = run_prepare(cfg.data, cfg.storage.root, progress=not quiet, force=force)
     for line in summary_lines(result):
         typer.echo(line)
     typer.echo(result.uri)
@@ -79,6 +86,13 @@ def summary_lines(result: Any) -> list[str]:
         f"duplicates removed {m['duplicates_removed']:,}",
         f"  quarantined {q['total']:,} ({reasons})",
     ]
+    inc = m.get("incremental")
+    if inc:
+        lines.append(
+            f"  incremental: extends {inc['base']} with {len(inc['new_sources']):,} new files "
+            f"({inc['records_read']:,} records read, "
+            f"{inc['duplicates_removed']:,} duplicates removed); its shards are reused"
+        )
     for name, split in m["splits"].items():
         lines.append(
             f"  {name}: {split['documents']:,} documents, {split['tokens']:,} tokens in "

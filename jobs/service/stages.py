@@ -56,25 +56,13 @@ def prepare_stage(ctx: Context) -> StageOutcome:
 
     cfg = ctx.cfg
     with ctx.runs.stage("prepare", ctx.parent_run_id) as run_id:
-        result = prepare(cfg.data, cfg.storage.root)
-        if "prepare" in ctx.force and result.cache_hit:
-            result = _rebuild(cfg, result.uri)
+        result = prepare(cfg.data, cfg.storage.root, force="prepare" in ctx.force)
         manifest = result.manifest
         ctx.lineage.update(dataset_lineage(manifest, result.uri))
         ctx.runs.set_tags(run_id, {CACHE_HIT_TAG: str(result.cache_hit).lower(), **ctx.lineage})
         ctx.runs.log_metrics(run_id, _data_metrics(manifest, result.seconds))
     outputs = {"dataset_uri": result.uri, "manifest": manifest}
     return StageOutcome("prepare", result.cache_hit, manifest["fingerprint"], run_id, outputs)
-
-
-def _rebuild(cfg, uri: str):
-    """``--force prepare``: drop the commit marker (the manifest), so prepare rebuilds in place."""
-    from pipeline.prepare import prepare
-    from pipeline.storage import filesystem, join
-
-    fs, path = filesystem(join(uri, "manifest.json"), cfg.data.s3)
-    fs.rm(path)
-    return prepare(cfg.data, cfg.storage.root)
 
 
 def _data_metrics(manifest: dict[str, Any], seconds: float) -> dict[str, float]:

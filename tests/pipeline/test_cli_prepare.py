@@ -46,6 +46,8 @@ def test_cli_prints_summary_then_the_dataset_uri(ray_local, clean_corpus, tmp_pa
     assert any("duplicates removed 1" in line for line in lines)
     again = CliRunner().invoke(app, args)
     assert "cache hit" in again.stdout and again.stdout.strip().splitlines()[-1] == uri
+    forced = CliRunner().invoke(app, [*args, "--force"])
+    assert "cache hit" not in forced.stdout and forced.stdout.strip().splitlines()[-1] == uri
 
 
 @pytest.mark.parametrize(

@@ -76,6 +76,7 @@ def test_killed_before_manifest_then_rerun_completes(ray_local, clean_corpus, tm
     assert listed == wanted | {
         "manifest.json",
         "tokenizer.json",
+        "doc_hashes.npy",
         *rerun.manifest["quarantine"]["files"],
     }
     fresh = prepare(tiny_config([str(clean_corpus)]), str(tmp_path / "fresh"), False, "local")
