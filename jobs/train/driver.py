@@ -90,8 +90,11 @@ def train(
     out = _fit(cfg, run_name, runs, loop_config, progress)
     if out.get("aborted"):
         raise JobError(out["aborted"])
+    checkpoint = out.get("checkpoint") or (saved.uri if saved is not None else None)
+    if checkpoint is None:
+        raise JobError(f"run {run_name} ended without a checkpoint")
     return TrainResult(
-        checkpoint_uri=out["checkpoint"],
+        checkpoint_uri=checkpoint,
         mlflow_run_id=out.get("mlflow_run_id"),
         metrics=out.get("metrics", {}),
         steps=out.get("steps", 0),

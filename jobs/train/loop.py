@@ -190,6 +190,10 @@ class Loop:
                     return {"aborted": aborted, "steps": s.state.step}
         finally:
             loader.close()
+        if "val/loss" not in self.final and self.val:
+            # Nothing left to train (a finished run started again): still report the model.
+            val_loss = evaluate(self.s.trainee, self.val)
+            self.final.update({"val/loss": val_loss, "val/ppl": math.exp(min(val_loss, 50.0))})
         self.final["check/param_rank_spread"] = self.param_rank_spread()
         if self.last_checkpoint:
             self.tracker.set_tags({"checkpoint_uri": self.last_checkpoint})

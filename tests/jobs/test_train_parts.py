@@ -210,6 +210,19 @@ def test_meter_reports_throughput_mfu_and_data_wait():
     assert m["perf/step_time_s"] == pytest.approx(0.5)
 
 
+def test_progress_bar_shows_step_loss_and_throughput():
+    from jobs.train.progress import ProgressBar
+
+    with ProgressBar(total=10, description="run-x", enabled=False) as bar:
+        bar.update({"step": 4, "max_steps": 10, "loss": 2.5, "tokens_per_s": 12345.6})
+        bar.update(None)
+        task = bar.progress.tasks[0]
+        assert (task.completed, task.total) == (4, 10)
+        assert task.fields == {"loss": "2.5000", "tps": "12,346"}
+        bar.update({"step": 5, "max_steps": 10, "loss": math.nan, "tokens_per_s": math.nan})
+        assert bar.progress.tasks[0].fields == {"loss": "-", "tps": "-"}
+
+
 def test_routing_artifacts_table_and_heatmap(tmp_path):
     art = RoutingArtifacts(tmp_path)
     art.add(10, np.array([[3.0, 1.0, 0.0, 4.0], [2.0, 2.0, 2.0, 2.0]]))

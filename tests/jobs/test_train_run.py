@@ -130,6 +130,19 @@ def test_fsdp_and_bf16_mixed_precision_train_on_cpu(dataset, tmp_path):
     assert state["step"] == 4 and next(model.parameters()).dtype.is_floating_point
 
 
+def test_init_from_starts_from_another_runs_weights(dataset, tmp_path):
+    cfg = config(*ONE_WORKER, "train.max_steps=6", "train.inject_nan_steps=[]")
+    trained, losses = local_losses(cfg, dataset, tmp_path / "a")
+    one = config(*ONE_WORKER, "train.max_steps=1", "train.warmup_steps=0")
+    _, fresh = local_losses(one, dataset, tmp_path / "fresh")
+    env = LocalEnv(tmp_path / "b", on_progress=lambda u: fresh.__setitem__("init", u["loss"]))
+    loop.run(one, dataset, env, init_from=trained["checkpoint"])
+    assert fresh["init"] < fresh[1] - 1.0 and fresh["init"] == pytest.approx(losses[6], abs=0.5)
+    with pytest.raises(JobError, match="init_from .*model config differs"):
+        bigger = config(*ONE_WORKER, "train.max_steps=1", "model.num_layers=3")
+        loop.run(bigger, dataset, LocalEnv(tmp_path / "c"), init_from=trained["checkpoint"])
+
+
 def test_consecutive_nonfinite_steps_stop_and_name_the_last_good_checkpoint(dataset, tmp_path):
     cfg = config(
         *ONE_WORKER,
