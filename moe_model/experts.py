@@ -107,20 +107,18 @@ class _LoopFFN(torch.autograd.Function):
         grad_y_PD = grad_TD.index_select(0, src_row_P) * row_weight_P.unsqueeze(1)
 
         gate_PF, up_PF = h_P2F[:, :F_], h_P2F[:, F_:]
-        sig_PF = torch.sigmoid(gate_PF)
-        silu_PF = gate_PF * sig_PF
+        silu_PF = F.silu(gate_PF)
         a_PF = silu_PF * up_PF
         grad_a_PF = torch.empty_like(a_PF)
         grad_w2_EDF = torch.empty_like(w2_EDF)
         for e, sl in _expert_slices(rows):
             torch.mm(grad_y_PD[sl], w2_EDF[e], out=grad_a_PF[sl])
             torch.mm(grad_y_PD[sl].t(), a_PF[sl], out=grad_w2_EDF[e])
+        del a_PF
 
         grad_h_P2F = torch.empty_like(h_P2F)
         torch.mul(grad_a_PF, silu_PF, out=grad_h_P2F[:, F_:])
-        # d silu(g)/dg = sig(g) * (1 + g * (1 - sig(g)))
-        dsilu_PF = sig_PF.mul_(1 + gate_PF * (1 - sig_PF))
-        torch.mul(grad_a_PF.mul_(up_PF), dsilu_PF, out=grad_h_P2F[:, :F_])
+        grad_h_P2F[:, :F_] = torch.ops.aten.silu_backward(grad_a_PF.mul_(up_PF), gate_PF)
 
         x_PD = x_TD.index_select(0, src_row_P)
         grad_x_PD = torch.empty_like(x_PD)

@@ -10,15 +10,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moe_model.config import ModelConfig
 from moe_model.layers import Attention, KVCache, RMSNorm, RotaryEmbedding
+from moe_model.loss import head_and_loss
 from moe_model.moe import MoE
 from moe_model.routing_stats import RoutingStats
-
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -103,12 +101,16 @@ class MoETransformer(nn.Module):
             routing.append(stats)
             aux_losses.append(aux)
             z_losses.append(z)
-        logits_BTV = self.lm_head(self.norm(x_BTD))
+        h_BTD = self.norm(x_BTD)
+        ce_loss = None
+        if labels is None:
+            logits_BTV = self.lm_head(h_BTD)
+        else:
+            logits_BTV, ce_loss = head_and_loss(h_BTD, self.lm_head.weight, labels)
         aux_loss = torch.stack(aux_losses).mean()
         z_loss = torch.stack(z_losses).mean()
-        loss = ce_loss = None
-        if labels is not None:
-            ce_loss = causal_lm_loss(logits_BTV, labels)
+        loss = None
+        if ce_loss is not None:
             cfg = self.config
             loss = ce_loss + cfg.aux_loss_coef * aux_loss + cfg.z_loss_coef * z_loss
         return MoEOutput(logits_BTV, loss, ce_loss, aux_loss, z_loss, routing)
@@ -163,12 +165,3 @@ class MoETransformer(nn.Module):
             raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
         for block in self.layers:
             block.moe.backend = backend
-
-
-def causal_lm_loss(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy as HF's ForCausalLMLoss: labels shifted inside, -100 ignored."""
-    shifted_BT = F.pad(labels_BT[:, 1:], (0, 1), value=IGNORE_INDEX)
-    V = logits_BTV.shape[-1]
-    return F.cross_entropy(
-        logits_BTV.reshape(-1, V).float(), shifted_BT.reshape(-1), ignore_index=IGNORE_INDEX
-    )

@@ -1,0 +1,62 @@
+"""The fused LM-head + cross-entropy against F.linear + F.cross_entropy."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moe_model import loss as loss_mod
+from moe_model.loss import causal_lm_loss, head_and_loss
+
+
+@pytest.fixture(params=[10**9, 40 * 4 * 37])
+def chunk_bytes(request, monkeypatch):
+    """One chunk, and chunks of 40 rows (several, the last one partial)."""
+    monkeypatch.setattr(loss_mod, "CHUNK_BYTES", request.param)
+    return request.param
+
+
+def _inputs(seed=0, B=3, T=29, D=16, V=37):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(B, T, D, generator=g, requires_grad=True)
+    w = torch.randn(V, D, generator=g, requires_grad=True)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[0, :7] = -100
+    return h, w, labels
+
+
+def test_loss_logits_and_gradients_match_reference(chunk_bytes):
+    h, w, labels = _inputs()
+    logits, loss = head_and_loss(h, w, labels)
+    ref_logits = F.linear(h, w)
+    ref_loss = causal_lm_loss(ref_logits, labels)
+    torch.testing.assert_close(logits, ref_logits)
+    torch.testing.assert_close(loss, ref_loss)
+    grads = torch.autograd.grad(loss, (h, w))
+    for a, b in zip(grads, torch.autograd.grad(ref_loss, (h, w)), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_gradient_through_returned_logits_is_kept(chunk_bytes):
+    h, w, labels = _inputs(1)
+    logits, loss = head_and_loss(h, w, labels)
+    total = loss + logits.square().mean()
+    ref_logits = F.linear(h, w)
+    ref_total = causal_lm_loss(ref_logits, labels) + ref_logits.square().mean()
+    for a, b in zip(
+        torch.autograd.grad(total, (h, w)), torch.autograd.grad(ref_total, (h, w)), strict=True
+    ):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    logits, _ = head_and_loss(h, w, labels)
+    only_logits = torch.autograd.grad(logits.sum(), (h, w))
+    ref_only = torch.autograd.grad(F.linear(h, w).sum(), (h, w))
+    for a, b in zip(only_logits, ref_only, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_last_position_and_ignored_labels_do_not_count():
+    h, w, _ = _inputs(2, B=1, T=5)
+    labels = torch.tensor([[5, 1, 2, -100, 4]])
+    _, loss = head_and_loss(h, w, labels)
+    logits = F.linear(h, w)[0]
+    by_hand = [torch.logsumexp(logits[t], 0) - logits[t, labels[0, t + 1]] for t in (0, 1, 3)]
+    torch.testing.assert_close(loss, torch.stack(by_hand).mean())
