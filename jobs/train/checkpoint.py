@@ -38,6 +38,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from jobs.errors import JobError
+from jobs.security import safe_dcp_reader
 from moe_model import ModelConfig, MoETransformer
 
 FORMAT_VERSION = 1
@@ -84,6 +85,18 @@ def _single_process_ok() -> Iterator[None]:
         yield
 
 
+def _dcp_load(state_dict: dict[str, Any], path: Path) -> None:
+    """``dcp.load`` through the allowlisting reader: a planted ``.metadata`` never runs code."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    with _single_process_ok():
+        try:
+            dcp.load(state_dict, storage_reader=safe_dcp_reader(path / DCP_DIR))
+        except CheckpointException as e:  # a BaseException: `except Exception` misses it
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise JobError(f"checkpoint {path} could not be loaded: {first}") from None
+
+
 def config_hash(cfg: ModelConfig) -> str:
     text = json.dumps(cfg.to_dict(), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -115,8 +128,7 @@ def load_training_checkpoint(
     path = Path(path)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     both = {"model": model_sd, "optim": optim_sd}
-    with _single_process_ok():
-        dcp.load(both, checkpoint_id=str(path / DCP_DIR))
+    _dcp_load(both, path)
     set_state_dict(model, optimizer, model_state_dict=both["model"], optim_state_dict=both["optim"])
     return read_state(path)
 
@@ -131,8 +143,7 @@ def load_model_weights(uri: str, model: nn.Module, model_cfg: ModelConfig) -> No
             raise JobError(f"init_from {uri}: model config differs ({change})")
         model_sd = get_model_state_dict(model)
         sd = {"model": model_sd}
-        with _single_process_ok():
-            dcp.load(sd, checkpoint_id=str(path / DCP_DIR))
+        _dcp_load(sd, path)
         set_model_state_dict(model, sd["model"])
     finally:
         if temporary:
@@ -199,8 +210,7 @@ def load_checkpoint_model(uri: str) -> tuple[MoETransformer, ModelConfig, dict[s
         cfg = ModelConfig.from_dict(json.loads((path / MODEL_CONFIG_FILE).read_text()))
         model = MoETransformer(cfg)
         sd = {"model": model.state_dict()}
-        with _single_process_ok():
-            dcp.load(sd, checkpoint_id=str(path / DCP_DIR))
+        _dcp_load(sd, path)
         model.load_state_dict(sd["model"])
         state = json.loads((path / STATE_FILE).read_text())
         return model.eval(), cfg, state

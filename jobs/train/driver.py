@@ -19,6 +19,7 @@ from typing import Any
 
 from jobs.config import RootConfig
 from jobs.errors import JobError
+from jobs.security import is_secret_key, safe_join
 from jobs.settings import ConfigError
 from jobs.tracking.base import resolve_tracking_uri
 from jobs.train.checkpoint import check_resume
@@ -68,7 +69,7 @@ def train(
     cfg.train.grad_accum(reader.seq_len, cfg.train.num_workers)
     run_name = run_name or default_run_name(reader.manifest.get("name", "dataset"))
     runs = runs_uri(cfg.storage.root)
-    run_uri = f"{runs.rstrip('/')}/{run_name}"
+    run_uri = safe_join(runs, run_name)
     saved = latest_checkpoint(run_uri)
     if saved is not None:
         check_resume(saved.state, reader.fingerprint, model_cfg, saved.uri, saved.model_config)
@@ -166,8 +167,9 @@ def _poll(sink) -> dict[str, Any] | None:
 
 
 def _forwarded_env() -> dict[str, str]:
-    """MLflow settings of the driver (credentials included: not logged) for rank 0."""
-    return {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
+    """MLflow settings of the driver for rank 0, credentials left out: Ray logs a runtime_env
+    in plain text, so passwords and tokens reach the workers through the nodes' environment."""
+    return {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_") and not is_secret_key(k)}
 
 
 def _user_error(err: Exception) -> Exception:

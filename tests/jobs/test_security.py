@@ -161,13 +161,6 @@ def test_mlflow_client_reads_the_credentials_itself(monkeypatch):
     assert (creds.username, creds.password) == ("pipeline", "from-the-secret")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="jobs.train.driver forwards MLFLOW_TRACKING_PASSWORD into the workers' runtime_env, "
-    "which Ray logs in plain text (runtime_env_agent.log: 'Creating runtime env: ...') and "
-    "shows in the dashboard; Ray nodes already hold the credentials in their environment",
-)
 def test_the_trainer_puts_no_credential_in_a_runtime_env(monkeypatch):
     driver = pytest.importorskip("jobs.train.driver")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")

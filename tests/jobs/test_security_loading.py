@@ -115,12 +115,6 @@ def test_load_hf_reads_safetensors_only(tmp_path, marker):
     assert not marker.exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="jobs.train.checkpoint reads DCP .metadata with a plain pickle.load; "
-    "pass storage_reader=jobs.security.safe_dcp_reader(path) to dcp.load",
-)
 def test_load_checkpoint_model_refuses_a_planted_checkpoint(tmp_path, marker):
     checkpoint = pytest.importorskip("jobs.train.checkpoint")
     from moe_model import ModelConfig

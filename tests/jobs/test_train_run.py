@@ -332,3 +332,12 @@ def test_ray_env_kill_hook_fires_once_per_run_and_step(tmp_path):
     assert env.should_kill(5) is True
     assert env.should_kill(5) is False
     assert env.should_kill(6) is True
+
+
+def test_a_run_name_cannot_write_outside_the_storage_root(dataset, tmp_path):
+    from jobs.security import PathEscapeError
+
+    cfg = config(f"storage.root={tmp_path / 'root'}")
+    with pytest.raises(PathEscapeError, match="outside the storage root"):
+        train(cfg, dataset, run_name="../../escaped", progress=False)
+    assert not (tmp_path / "escaped").exists()
