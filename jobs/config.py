@@ -59,7 +59,11 @@ class ModelSection(BaseModel):
             base = ModelConfig.preset(self.preset)
             return dataclasses.replace(base, **self.overrides())
         except (ValueError, TypeError, KeyError) as e:
-            raise ValueError(f"model: {e}") from None
+            # ModelConfig's messages start with the field name: "top_k: must be <= ..."
+            field, sep, problem = str(e).strip("'\"").partition(": ")
+            if sep and field in fields | {"preset"}:
+                raise ValueError(f"config key 'model.{field}': {problem}") from None
+            raise ValueError(f"config key 'model': {e}") from None
 
 
 class RootConfig(Section):

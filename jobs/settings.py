@@ -69,6 +69,9 @@ def format_validation_error(err: ValidationError) -> str:
     if first["type"] == "extra_forbidden":
         return f"unknown config key {key!r}"
     msg = first["msg"]
+    if first["type"] == "value_error":
+        inner = str(first.get("ctx", {}).get("error", msg.removeprefix("Value error, ")))
+        return inner if "config key" in inner else f"config key {key!r}: {inner}"
     if "input" in first and first["type"] != "missing":
         return f"config key {key!r}: {msg} (got {first['input']!r})"
     return f"config key {key!r}: {msg}"

@@ -65,3 +65,46 @@ def test_apply_overrides_creates_sections():
     assert apply_overrides({}, ["a.b.c=1"]) == {"a": {"b": {"c": 1}}}
     with pytest.raises(ConfigError, match="'b' is a value"):
         apply_overrides({"a": {"b": 1}}, ["a.b.c=1"])
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("model.top_k=9", "config key 'model.top_k': must be <= num_experts (8), got 9"),
+        ("model.hidden_size=100", "config key 'model.hidden_size': must be divisible by num_heads"),
+        ("model.typo=1", "unknown config key 'model.typo'"),
+        ("model.preset=huge", "config key 'model.preset': unknown name 'huge'"),
+        ("train.lr=-1", "config key 'train.lr': Input should be greater than 0 (got -1)"),
+        ("data.seq_len=0", "config key 'data.seq_len'"),
+    ],
+)
+def test_root_config_errors_name_the_key(override, expected):
+    from jobs.config import RootConfig
+
+    with pytest.raises(ConfigError) as e:
+        load_config(RootConfig, None, [override])
+    assert str(e.value).startswith(expected)
+    assert "\n" not in str(e.value)
+
+
+def test_cli_prints_one_line_and_exits_2(tmp_path):
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from jobs.cli import main; main()",
+            "run",
+            "--set",
+            "model.top_k=9",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert out.returncode == 2
+    assert (
+        out.stderr.strip() == "error: config key 'model.top_k': must be <= num_experts (8), got 9"
+    )
