@@ -199,11 +199,12 @@ def time_interleaved(steps: dict[str, Callable], args: argparse.Namespace) -> di
 
 
 def matmul_peak_flops(device: str, dtype: torch.dtype) -> float:
+    """Best of several square GEMMs: the ceiling MFU is reported against."""
     n = 8192 if device == "cuda" else 2048
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     best = float("inf")
-    for i in range(8 if device == "cuda" else 6):
+    for i in range(10):
         sync(device)
         start = time.perf_counter()
         a @ b
@@ -295,6 +296,8 @@ def main(argv: list[str] | None = None) -> None:
         del steps
         if not args.no_memory:
             memory = {side: cpu_peak_memory(side, argv) for side in sides}
+    # Measured again after the runs: on a shared machine the best of both is the honest ceiling.
+    peak = max(peak, matmul_peak_flops(args.device, dtype))
     fpt = cfg.flops_per_token(args.seq)
     for side in sides:
         results[side] = summarize(side, results[side], tokens, fpt, peak)
@@ -310,6 +313,7 @@ def main(argv: list[str] | None = None) -> None:
         "batch": args.batch,
         "seq": args.seq,
         "steps": args.steps,
+        "ours_backend": args.ours_backend,
         "config": cfg.to_dict(),
         "params": cfg.num_params(),
         "active_params": cfg.num_active_params(),

@@ -148,6 +148,12 @@ class Attention(nn.Module):
                 q_BHTDh, k_BHkvSDh, v_BHkvSDh, is_causal=True, enable_gqa=gqa
             )
         mask_TS = attention_mask(start, T, S, self.sliding_window, q_BHTDh.device)
+        if gqa and q_BHTDh.is_cuda:
+            # CUDA's fused kernels take GQA only without a mask; else SDPA falls back to math.
+            groups = self.num_heads // self.num_kv_heads
+            k_BHkvSDh = k_BHkvSDh.repeat_interleave(groups, dim=1)
+            v_BHkvSDh = v_BHkvSDh.repeat_interleave(groups, dim=1)
+            gqa = False
         return F.scaled_dot_product_attention(
             q_BHTDh, k_BHkvSDh, v_BHkvSDh, attn_mask=mask_TS, enable_gqa=gqa
         )

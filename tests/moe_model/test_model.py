@@ -126,3 +126,13 @@ def test_generate_rejects_bad_arguments():
         model.generate(prompt, 2, top_p=0.0)
     with pytest.raises(ValueError, match="^temperature: "):
         model.generate(prompt, 2, temperature=-1.0)
+
+
+def test_bfloat16_step_runs_and_stays_finite():
+    model = _model(seed=5).to(torch.bfloat16)
+    ids = torch.randint(0, 512, (2, 16))
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    assert out.logits.dtype == torch.bfloat16 and out.loss.dtype == torch.float32
+    assert torch.isfinite(out.loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
