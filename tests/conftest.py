@@ -89,6 +89,9 @@ def s3_bucket(s3_endpoint) -> str:
 def ray_local(s3_endpoint):
     import ray
 
+    if ray.is_initialized():
+        # A test that ran a stage without this fixture started its own Ray, without these settings.
+        ray.shutdown()
     ray.init(
         address="local",
         num_cpus=4,

@@ -35,7 +35,7 @@ def test_unknown_force_stage_is_one_line():
 
 
 @pytest.mark.slow
-def test_pipeline_end_to_end_then_all_cache_hits(mlflow_uri, tmp_path, monkeypatch):
+def test_pipeline_end_to_end_then_all_cache_hits(ray_local, mlflow_uri, tmp_path, monkeypatch):
     tree = apply_overrides(demo_tree(), SMALLER)
     tree["storage"] = {"root": str(tmp_path / "outputs")}
     tree["tracking"] = {"uri": mlflow_uri, "experiment": "e2e"}
