@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from moe_model import hugepages
+
 IGNORE_INDEX = -100
 # fp32 logits per chunk: ~8 MiB stays in a CPU's L2/L3; a GPU wants few, large GEMMs.
 CHUNK_BYTES = 8 * 2**20
@@ -56,7 +58,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
         N, V = x_ND.shape[0], weight_VD.shape[0]
         valid_N = targets_N != IGNORE_INDEX
         safe_targets_N = torch.where(valid_N, targets_N, 0)
-        logits_NV = x_ND.new_empty(N, V)
+        logits_NV = hugepages.empty((N, V), x_ND)
         target_logprob_N = torch.empty(N, dtype=torch.float32, device=x_ND.device)
         for rows in _chunks(N, V, x_ND.device):
             torch.mm(x_ND[rows], weight_VD.t(), out=logits_NV[rows])

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from moe_model import hugepages
 from moe_model import loss as loss_mod
 from moe_model.loss import causal_lm_loss, head_and_loss
 
@@ -60,3 +61,17 @@ def test_last_position_and_ignored_labels_do_not_count():
     logits = F.linear(h, w)[0]
     by_hand = [torch.logsumexp(logits[t], 0) - logits[t, labels[0, t + 1]] for t in (0, 1, 3)]
     torch.testing.assert_close(loss, torch.stack(by_hand).mean())
+
+
+def test_huge_page_logits_buffer_matches_reference(monkeypatch):
+    """The CPU logits live in an mmap'd buffer above a size threshold; force that path."""
+    monkeypatch.setattr(hugepages, "MIN_BYTES", 1)
+    h, w, labels = _inputs(3)
+    logits, loss = head_and_loss(h, w, labels)
+    ref_logits = F.linear(h, w)
+    torch.testing.assert_close(logits, ref_logits)
+    torch.testing.assert_close(loss, causal_lm_loss(ref_logits, labels))
+    grads = torch.autograd.grad(loss + logits.square().mean(), (h, w))
+    ref_total = causal_lm_loss(ref_logits, labels) + ref_logits.square().mean()
+    for a, b in zip(grads, torch.autograd.grad(ref_total, (h, w)), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
