@@ -14,17 +14,21 @@ import mmap
 
 import torch
 
-MIN_BYTES = 32 * 2**20
+MIN_BYTES = 2 * 2**20  # one huge page
 _SUPPORTED = hasattr(mmap, "MADV_HUGEPAGE") and hasattr(mmap, "MAP_PRIVATE")
 
 
-def empty(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-    """Uninitialised tensor of `like`'s dtype and device, on huge pages when CPU and large."""
-    nbytes = math.prod(shape) * like.element_size()
+def empty(
+    shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """Uninitialised tensor on `like`'s device (and dtype unless given), on huge pages when
+    that is the CPU and it is large."""
+    dtype = dtype or like.dtype
+    nbytes = math.prod(shape) * dtype.itemsize
     if like.device.type != "cpu" or not _SUPPORTED or nbytes < max(MIN_BYTES, 1):
-        return like.new_empty(shape)
+        return torch.empty(shape, dtype=dtype, device=like.device)
     # Private: a shared anonymous mapping is shmem, which THP leaves alone.
     buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     buf.madvise(mmap.MADV_HUGEPAGE)
     # The tensor holds the mapping alive; it is unmapped when the tensor is freed.
-    return torch.frombuffer(buf, dtype=like.dtype).view(shape)
+    return torch.frombuffer(buf, dtype=dtype).view(shape)

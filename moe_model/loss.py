@@ -45,6 +45,14 @@ def head_and_loss(
     return logits_NV.view(B, T, -1), loss
 
 
+def _workspace(n: int, vocab: int, like: torch.Tensor) -> torch.Tensor:
+    """One fp32 [C, V] buffer reused by every chunk: a fresh one per chunk would be mapped
+    and page-faulted anew each time (8 MiB, past the allocator's reuse, on CPU)."""
+    budget = CHUNK_BYTES if like.device.type == "cpu" else GPU_CHUNK_BYTES
+    rows = min(n, max(16, budget // (4 * vocab)))
+    return hugepages.empty((rows, vocab), like, dtype=torch.float32)
+
+
 def _chunks(n: int, vocab: int, device: torch.device):
     budget = CHUNK_BYTES if device.type == "cpu" else GPU_CHUNK_BYTES
     rows = max(16, budget // (4 * vocab))
@@ -60,9 +68,11 @@ class _HeadCrossEntropy(torch.autograd.Function):
         safe_targets_N = torch.where(valid_N, targets_N, 0)
         logits_NV = hugepages.empty((N, V), x_ND)
         target_logprob_N = torch.empty(N, dtype=torch.float32, device=x_ND.device)
+        work_CV = _workspace(N, V, x_ND)
         for rows in _chunks(N, V, x_ND.device):
             torch.mm(x_ND[rows], weight_VD.t(), out=logits_NV[rows])
-            logprobs_CV = torch.log_softmax(logits_NV[rows].float(), dim=-1)
+            logprobs_CV = work_CV[: rows.stop - rows.start]
+            torch._log_softmax(logits_NV[rows].float(), -1, False, out=logprobs_CV)
             target_logprob_N[rows] = logprobs_CV.gather(1, safe_targets_N[rows, None]).squeeze(1)
         count = valid_N.sum()
         loss = -torch.where(valid_N, target_logprob_N, 0.0).sum() / count
@@ -79,10 +89,12 @@ class _HeadCrossEntropy(torch.autograd.Function):
         scale_N = None if grad_loss is None else valid_N.float() * (grad_loss / count)
         grad_x_ND = torch.empty_like(x_ND)
         grad_w_VD = torch.zeros(weight_VD.shape, dtype=torch.float32, device=x_ND.device)
+        work_CV = _workspace(N, V, x_ND)
         for rows in _chunks(N, V, x_ND.device):
             g_CV = None
             if scale_N is not None:
-                g_CV = _softmax_minus_onehot(logits_NV[rows], targets_N[rows])
+                g_CV = work_CV[: rows.stop - rows.start]
+                _softmax_minus_onehot(logits_NV[rows], targets_N[rows], out=g_CV)
                 g_CV.mul_(scale_N[rows].unsqueeze(1))
             if grad_logits_NV is not None:
                 extra_CV = grad_logits_NV[rows].float()
@@ -96,8 +108,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
         return grad_x_ND, grad_w_VD.to(weight_VD.dtype), None
 
 
-def _softmax_minus_onehot(logits_CV, targets_C) -> torch.Tensor:
-    """d(-log_softmax(z)_y)/dz = softmax(z) - onehot(y), in fp32."""
-    g_CV = torch.softmax(logits_CV.float(), dim=-1)
-    g_CV.scatter_add_(1, targets_C.unsqueeze(1), g_CV.new_full((g_CV.shape[0], 1), -1.0))
-    return g_CV
+def _softmax_minus_onehot(logits_CV, targets_C, out: torch.Tensor) -> None:
+    """d(-log_softmax(z)_y)/dz = softmax(z) - onehot(y), in fp32, written to `out`."""
+    torch._softmax(logits_CV.float(), -1, False, out=out)
+    out.scatter_add_(1, targets_C.unsqueeze(1), out.new_full((out.shape[0], 1), -1.0))
