@@ -15,36 +15,15 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} before answering {url}")
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            time.sleep(0.3)
-    raise TimeoutError(f"no answer from {url} within {timeout}s")
+from servers import free_port, wait_http
 
 
 @pytest.fixture(scope="session")
@@ -191,7 +170,8 @@ def ray_cluster():
             cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
         try:
-            _wait_jobs_api(address, token, proc, timeout=240)
+            auth = {"Authorization": f"Bearer {token}"}
+            wait_http(f"{address}/api/jobs/", timeout=240, proc=proc, headers=auth)
             yield RayCluster(address, token, temp)
         finally:
             _kill_cluster(proc, temp)
@@ -205,19 +185,3 @@ def _kill_cluster(proc: subprocess.Popen, temp: Path) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     proc.wait(timeout=30)
-
-
-def _wait_jobs_api(address: str, token: str, proc: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    request = urllib.request.Request(
-        f"{address}/api/jobs/", headers={"Authorization": f"Bearer {token}"}
-    )
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"ray start exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(request, timeout=5):
-                return
-        except OSError:
-            time.sleep(1)
-    raise TimeoutError(f"Ray Jobs API at {address} not up within {timeout}s")
