@@ -31,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moe_model import ModelConfig, MoETransformer  # noqa: E402
+from moe_model.hf import hf_config  # noqa: E402
 
 # ~1B active / ~3.1B total; head_dim 128 as in Mixtral. Used by default with --device cuda.
 GPU_CONFIG = dict(
@@ -132,23 +133,14 @@ def hf_state_from_ours(model: MoETransformer) -> dict[str, torch.Tensor]:
 def build_hf(cfg: ModelConfig, impl: str, args: argparse.Namespace):
     import transformers
 
+    # The same config.json mapping `save_hf` writes (held to HF by tests/moe_model/test_hf.py).
     hf_cfg = transformers.MixtralConfig(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_kv_heads,
-        num_local_experts=cfg.num_experts,
-        num_experts_per_tok=cfg.top_k,
-        max_position_embeddings=cfg.max_seq_len,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-        rms_norm_eps=cfg.rms_norm_eps,
-        sliding_window=cfg.sliding_window,
-        tie_word_embeddings=cfg.tie_embeddings,
-        router_aux_loss_coef=cfg.aux_loss_coef,
-        output_router_logits=True,
-        use_cache=False,
+        **{
+            **hf_config(cfg),
+            "router_aux_loss_coef": cfg.aux_loss_coef,
+            "output_router_logits": True,
+            "use_cache": False,
+        }
     )
     hf_cfg._attn_implementation = "sdpa"
     with torch.device(args.device):
