@@ -1,13 +1,14 @@
-"""Next-token cross-entropy fused with the LM head, computed over row chunks.
+"""Next-token cross-entropy fused with the LM head, computed over row blocks and chunks.
 
-Legend: N tokens (B*T), D hidden, V vocab, C rows per chunk.
+Legend: N tokens (B*T), D hidden, V vocab, R rows per GEMM block, C rows per softmax chunk.
 
-The logits are still returned (callers and HF parity need them), but each chunk's softmax
-statistics are taken while the chunk is in cache, and the backward rebuilds
-softmax - onehot from the stored logits chunk by chunk and feeds it straight into the two
-GEMMs. No [N, V] log-softmax, one-hot or gradient buffer is ever allocated: this saves
-[N, V] passes through memory and two [N, V] buffers per step versus log_softmax + nll_loss
-(the same idea as Liger-Kernel's fused linear cross-entropy, arXiv:2410.10989).
+The logits are still returned (callers and HF parity need them). Each GEMM covers a block
+of rows (all of them on CPU); the softmax statistics are then taken chunk by chunk while a
+chunk is in cache, and the backward rebuilds softmax - onehot from the stored logits into
+one block-sized gradient buffer that feeds the two GEMMs. No [N, V] log-softmax or one-hot
+is ever allocated, and on a GPU the gradient buffer is one block, not [N, V]: this saves
+[N, V] passes through memory and buffers versus log_softmax + nll_loss (the same idea as
+Liger-Kernel's fused linear cross-entropy, arXiv:2410.10989).
 """
 
 from __future__ import annotations
@@ -18,9 +19,13 @@ import torch.nn.functional as F
 from moe_model import hugepages
 
 IGNORE_INDEX = -100
-# fp32 logits per chunk: ~8 MiB stays in a CPU's L2/L3; a GPU wants few, large GEMMs.
+# Row blocks for the two GEMMs. CPU: one block of all rows, since MKL re-packs the [V, D]
+# weight on every call (256-row blocks ran the logits GEMM ~1.4x slower on the benchmark
+# machine). GPU: blocks of ~512 MiB of fp32 logits bound the backward's [rows, V] buffer.
+CPU_BLOCK_BYTES: int | None = None
+GPU_BLOCK_BYTES = 512 * 2**20
+# Softmax passes within a block on CPU: ~8 MiB of fp32 rows stays in L2/L3.
 CHUNK_BYTES = 8 * 2**20
-GPU_CHUNK_BYTES = 512 * 2**20
 
 
 def shift_labels(labels_BT: torch.Tensor) -> torch.Tensor:
@@ -45,19 +50,28 @@ def head_and_loss(
     return logits_NV.view(B, T, -1), loss
 
 
+def _rows_per(budget: int | None, n: int, vocab: int) -> int:
+    return n if budget is None else min(n, max(16, budget // (4 * vocab)))
+
+
+def _blocks(n: int, vocab: int, device: torch.device):
+    """Row blocks for the GEMMs, and within each the row chunks for the softmax passes."""
+    on_cpu = device.type == "cpu"
+    block = _rows_per(CPU_BLOCK_BYTES if on_cpu else GPU_BLOCK_BYTES, n, vocab)
+    chunk = _rows_per(CHUNK_BYTES, block, vocab) if on_cpu else block
+    for start in range(0, n, block):
+        stop = min(start + block, n)
+        yield (
+            slice(start, stop),
+            [slice(s, min(s + chunk, stop)) for s in range(start, stop, chunk)],
+        )
+
+
 def _workspace(n: int, vocab: int, like: torch.Tensor) -> torch.Tensor:
     """One fp32 [C, V] buffer reused by every chunk: a fresh one per chunk would be mapped
     and page-faulted anew each time (8 MiB, past the allocator's reuse, on CPU)."""
-    budget = CHUNK_BYTES if like.device.type == "cpu" else GPU_CHUNK_BYTES
-    rows = min(n, max(16, budget // (4 * vocab)))
+    rows = max(c.stop - c.start for _, chunks in _blocks(n, vocab, like.device) for c in chunks)
     return hugepages.empty((rows, vocab), like, dtype=torch.float32)
-
-
-def _chunks(n: int, vocab: int, device: torch.device):
-    budget = CHUNK_BYTES if device.type == "cpu" else GPU_CHUNK_BYTES
-    rows = max(16, budget // (4 * vocab))
-    for start in range(0, n, rows):
-        yield slice(start, min(start + rows, n))
 
 
 class _HeadCrossEntropy(torch.autograd.Function):
@@ -69,11 +83,13 @@ class _HeadCrossEntropy(torch.autograd.Function):
         logits_NV = hugepages.empty((N, V), x_ND)
         target_logprob_N = torch.empty(N, dtype=torch.float32, device=x_ND.device)
         work_CV = _workspace(N, V, x_ND)
-        for rows in _chunks(N, V, x_ND.device):
-            torch.mm(x_ND[rows], weight_VD.t(), out=logits_NV[rows])
-            logprobs_CV = work_CV[: rows.stop - rows.start]
-            torch._log_softmax(logits_NV[rows].float(), -1, False, out=logprobs_CV)
-            target_logprob_N[rows] = logprobs_CV.gather(1, safe_targets_N[rows, None]).squeeze(1)
+        for block, chunks in _blocks(N, V, x_ND.device):
+            torch.mm(x_ND[block], weight_VD.t(), out=logits_NV[block])
+            for rows in chunks:
+                logprobs_CV = work_CV[: rows.stop - rows.start]
+                torch._log_softmax(logits_NV[rows].float(), -1, False, out=logprobs_CV)
+                target_C1 = safe_targets_N[rows, None]
+                target_logprob_N[rows] = logprobs_CV.gather(1, target_C1).squeeze(1)
         count = valid_N.sum()
         loss = -torch.where(valid_N, target_logprob_N, 0.0).sum() / count
         ctx.save_for_backward(x_ND, weight_VD, safe_targets_N, valid_N, logits_NV, count)
@@ -86,25 +102,38 @@ class _HeadCrossEntropy(torch.autograd.Function):
         if grad_loss is None and grad_logits_NV is None:
             return None, None, None
         N, V = logits_NV.shape
+        fp32 = x_ND.dtype == torch.float32
         scale_N = None if grad_loss is None else valid_N.float() * (grad_loss / count)
         grad_x_ND = torch.empty_like(x_ND)
-        grad_w_VD = torch.zeros(weight_VD.shape, dtype=torch.float32, device=x_ND.device)
-        work_CV = _workspace(N, V, x_ND)
-        for rows in _chunks(N, V, x_ND.device):
-            g_CV = None
-            if scale_N is not None:
-                g_CV = work_CV[: rows.stop - rows.start]
-                _softmax_minus_onehot(logits_NV[rows], targets_N[rows], out=g_CV)
-                g_CV.mul_(scale_N[rows].unsqueeze(1))
-            if grad_logits_NV is not None:
-                extra_CV = grad_logits_NV[rows].float()
-                g_CV = extra_CV if g_CV is None else g_CV.add_(extra_CV)
-            g_CV = g_CV.to(x_ND.dtype)
-            torch.mm(g_CV, weight_VD, out=grad_x_ND[rows])
-            if g_CV.dtype == torch.float32:
-                grad_w_VD.addmm_(g_CV.t(), x_ND[rows])
+        grad_w_VD = torch.empty(weight_VD.shape, dtype=torch.float32, device=x_ND.device)
+        blocks = list(_blocks(N, V, x_ND.device))
+        # d loss / d logits for one block, in the GEMMs' dtype.
+        g_BV = hugepages.empty((blocks[0][0].stop, V), x_ND)
+        work_CV = None if fp32 else _workspace(N, V, x_ND)
+        for i, (block, chunks) in enumerate(blocks):
+            for rows in chunks:
+                local = slice(rows.start - block.start, rows.stop - block.start)
+                g_CV = g_BV[local] if fp32 else work_CV[: rows.stop - rows.start]
+                if scale_N is None:
+                    g_CV.zero_()
+                else:
+                    _softmax_minus_onehot(logits_NV[rows], targets_N[rows], out=g_CV)
+                    g_CV.mul_(scale_N[rows].unsqueeze(1))
+                if grad_logits_NV is not None:
+                    g_CV.add_(grad_logits_NV[rows])
+                if not fp32:
+                    g_BV[local] = g_CV
+            g_RV = g_BV[: block.stop - block.start]
+            torch.mm(g_RV, weight_VD, out=grad_x_ND[block])
+            if fp32:
+                grad_w_VD.addmm_(g_RV.t(), x_ND[block], beta=float(i > 0))
             else:
-                grad_w_VD.add_(torch.mm(g_CV.t(), x_ND[rows]))
+                # bf16 GEMM per block, the blocks summed in fp32.
+                partial_VD = torch.mm(g_RV.t(), x_ND[block])
+                if i:
+                    grad_w_VD.add_(partial_VD)
+                else:
+                    grad_w_VD.copy_(partial_VD)
         return grad_x_ND, grad_w_VD.to(weight_VD.dtype), None
 
 

@@ -9,10 +9,13 @@ from moe_model import loss as loss_mod
 from moe_model.loss import causal_lm_loss, head_and_loss
 
 
-@pytest.fixture(params=[10**9, 40 * 4 * 37])
+@pytest.fixture(params=[(None, 10**9), (None, 40 * 4 * 37), (80 * 4 * 37, 40 * 4 * 37)])
 def chunk_bytes(request, monkeypatch):
-    """One chunk, and chunks of 40 rows (several, the last one partial)."""
-    monkeypatch.setattr(loss_mod, "CHUNK_BYTES", request.param)
+    """One GEMM block and one softmax chunk; one block of 40-row chunks (the last partial);
+    80-row blocks (the last partial) of 40-row chunks. The inputs have 87 rows of V=37."""
+    block_bytes, chunk_bytes = request.param
+    monkeypatch.setattr(loss_mod, "CPU_BLOCK_BYTES", block_bytes)
+    monkeypatch.setattr(loss_mod, "CHUNK_BYTES", chunk_bytes)
     return request.param
 
 
@@ -75,3 +78,19 @@ def test_huge_page_logits_buffer_matches_reference(monkeypatch):
     ref_total = causal_lm_loss(ref_logits, labels) + ref_logits.square().mean()
     for a, b in zip(grads, torch.autograd.grad(ref_total, (h, w)), strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_bf16_matches_fp32_reference_within_bf16_precision(chunk_bytes):
+    """bf16 runs the GEMMs in bf16 and the softmax and weight-gradient sums in fp32."""
+    h, w, labels = _inputs(4)
+    h16 = h.detach().bfloat16().requires_grad_()
+    w16 = w.detach().bfloat16().requires_grad_()
+    logits, loss = head_and_loss(h16, w16, labels)
+    assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
+    grads = torch.autograd.grad(loss, (h16, w16))
+    assert [g.dtype for g in grads] == [torch.bfloat16, torch.bfloat16]
+    h32, w32 = h16.detach().float().requires_grad_(), w16.detach().float().requires_grad_()
+    ref_loss = causal_lm_loss(F.linear(h32, w32), labels)
+    torch.testing.assert_close(loss, ref_loss, atol=2e-2, rtol=1e-2)
+    for a, b in zip(grads, torch.autograd.grad(ref_loss, (h32, w32)), strict=True):
+        torch.testing.assert_close(a.float(), b, atol=2e-3, rtol=2e-2)
