@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from moe_model import scratch
 from moe_model.dispatch import DispatchPlan
 
 
@@ -70,59 +71,68 @@ def _grouped_ffn(x_TD, weights_TK, w13_E2FD, w2_EDF, plan: DispatchPlan) -> torc
 
 
 class _LoopFFN(torch.autograd.Function):
+    """Saves the gathered inputs, silu(gate), the activations and the gathered expert outputs
+    (~2.5x the [P, 2F] pre-activations' memory) so backward recomputes and re-gathers
+    nothing; every [P, *] buffer comes from the scratch pool (warm memory, no page faults)."""
+
     @staticmethod
     def forward(ctx, x_TD, weights_TK, w13_E2FD, w2_EDF, plan: DispatchPlan, rows: list[int]):
         T, K = weights_TK.shape
-        F_ = w2_EDF.shape[2]
-        src_row_P, slot_row_N = plan.src_row_P, plan.slot_row_N
-        x_PD = x_TD.index_select(0, src_row_P)
-        h_P2F = x_TD.new_empty(x_PD.shape[0], 2 * F_)
+        D, F_ = w2_EDF.shape[1:]
+        P = plan.num_rows
+        x_PD = torch.index_select(x_TD, 0, plan.src_row_P, out=scratch.empty((P, D), x_TD))
+        h_P2F = scratch.empty((P, 2 * F_), x_TD)
         for e, sl in _expert_slices(rows):
             torch.mm(x_PD[sl], w13_E2FD[e].t(), out=h_P2F[sl])
-        a_PF = F.silu(h_P2F[:, :F_]) * h_P2F[:, F_:]
-        y_PD = torch.empty_like(x_PD)
+        silu_PF = torch.ops.aten.silu.out(h_P2F[:, :F_], out=scratch.empty((P, F_), x_TD))
+        a_PF = torch.mul(silu_PF, h_P2F[:, F_:], out=scratch.empty((P, F_), x_TD))
+        y_PD = scratch.empty((P, D), x_TD)
         for e, sl in _expert_slices(rows):
             torch.mm(a_PF[sl], w2_EDF[e].t(), out=y_PD[sl])
-        y_TKD = y_PD.index_select(0, slot_row_N).view(T, K, -1)
+        y_NKD = scratch.empty((T * K, D), x_TD)
+        y_TKD = torch.index_select(y_PD, 0, plan.slot_row_N, out=y_NKD).view(T, K, D)
+        del y_PD
         out_TD = torch.bmm(weights_TK.unsqueeze(1), y_TKD).squeeze(1)
-        ctx.save_for_backward(x_TD, weights_TK, w13_E2FD, w2_EDF, h_P2F, y_PD)
+        ctx.save_for_backward(x_PD, weights_TK, w13_E2FD, w2_EDF, h_P2F, silu_PF, a_PF, y_TKD)
         ctx.plan, ctx.rows = plan, rows
         return out_TD
 
     @staticmethod
     def backward(ctx, grad_TD):
-        x_TD, weights_TK, w13_E2FD, w2_EDF, h_P2F, y_PD = ctx.saved_tensors
+        x_PD, weights_TK, w13_E2FD, w2_EDF, h_P2F, silu_PF, a_PF, y_TKD = ctx.saved_tensors
         plan, rows = ctx.plan, ctx.rows
-        src_row_P, slot_row_N = plan.src_row_P, plan.slot_row_N
+        src_row_P = plan.src_row_P
         T, K = weights_TK.shape
-        F_ = w2_EDF.shape[2]
+        D, F_ = w2_EDF.shape[1:]
+        P = plan.num_rows
         grad_TD = grad_TD.contiguous()
 
         # Combine: out_t = sum_k w_tk y_{row(t,k)}. Each row belongs to one slot, so the row
         # gradient is a gather of the token gradient scaled by the slot's weight.
-        y_TKD = y_PD.index_select(0, slot_row_N).view(T, K, -1)
         grad_weights_TK = torch.bmm(y_TKD, grad_TD.unsqueeze(2)).squeeze(2)
         weights_N1 = torch.cat([weights_TK.reshape(-1), weights_TK.new_zeros(1)])
         row_weight_P = weights_N1.index_select(0, plan.slot_of_row_P)
-        grad_y_PD = grad_TD.index_select(0, src_row_P) * row_weight_P.unsqueeze(1)
+        grad_y_PD = torch.index_select(grad_TD, 0, src_row_P, out=scratch.empty((P, D), x_PD))
+        grad_y_PD.mul_(row_weight_P.unsqueeze(1))
 
-        gate_PF, up_PF = h_P2F[:, :F_], h_P2F[:, F_:]
-        silu_PF = F.silu(gate_PF)
-        a_PF = silu_PF * up_PF
-        grad_a_PF = torch.empty_like(a_PF)
-        grad_w2_EDF = torch.empty_like(w2_EDF)
+        grad_a_PF = scratch.empty((P, F_), x_PD)
+        grad_w2_EDF = scratch.empty(w2_EDF.shape, w2_EDF)
         for e, sl in _expert_slices(rows):
             torch.mm(grad_y_PD[sl], w2_EDF[e], out=grad_a_PF[sl])
             torch.mm(grad_y_PD[sl].t(), a_PF[sl], out=grad_w2_EDF[e])
-        del a_PF
+        del grad_y_PD
 
-        grad_h_P2F = torch.empty_like(h_P2F)
+        # h = [gate | up], a = silu(gate) * up. Saved tensors are never overwritten: a
+        # retained graph may run backward again.
+        gate_PF, up_PF = h_P2F[:, :F_], h_P2F[:, F_:]
+        grad_h_P2F = scratch.empty((P, 2 * F_), x_PD)
         torch.mul(grad_a_PF, silu_PF, out=grad_h_P2F[:, F_:])
-        grad_h_P2F[:, :F_] = torch.ops.aten.silu_backward(grad_a_PF.mul_(up_PF), gate_PF)
+        grad_a_PF.mul_(up_PF)
+        torch.ops.aten.silu_backward.grad_input(grad_a_PF, gate_PF, grad_input=grad_h_P2F[:, :F_])
+        del grad_a_PF
 
-        x_PD = x_TD.index_select(0, src_row_P)
-        grad_x_PD = torch.empty_like(x_PD)
-        grad_w13_E2FD = torch.empty_like(w13_E2FD)
+        grad_x_PD = scratch.empty((P, D), x_PD)
+        grad_w13_E2FD = scratch.empty(w13_E2FD.shape, w13_E2FD)
         for e, sl in _expert_slices(rows):
             torch.mm(grad_h_P2F[sl].t(), x_PD[sl], out=grad_w13_E2FD[e])
             torch.mm(grad_h_P2F[sl], w13_E2FD[e], out=grad_x_PD[sl])
@@ -130,7 +140,8 @@ class _LoopFFN(torch.autograd.Function):
         if idle:
             grad_w13_E2FD[idle] = 0
             grad_w2_EDF[idle] = 0
-        grad_x_TD = torch.zeros_like(x_TD).index_add_(0, src_row_P, grad_x_PD)
+        # Padding rows read the zero row T, which is cut off.
+        grad_x_TD = grad_TD.new_zeros(T + 1, D).index_add_(0, src_row_P, grad_x_PD)[:T]
         return grad_x_TD, grad_weights_TK, grad_w13_E2FD, grad_w2_EDF, None, None
 
 

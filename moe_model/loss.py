@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from moe_model import hugepages
+from moe_model import scratch
 
 IGNORE_INDEX = -100
 # Row blocks for the two GEMMs. CPU: one block of all rows, since MKL re-packs the [V, D]
@@ -71,7 +71,7 @@ def _workspace(n: int, vocab: int, like: torch.Tensor) -> torch.Tensor:
     """One fp32 [C, V] buffer reused by every chunk: a fresh one per chunk would be mapped
     and page-faulted anew each time (8 MiB, past the allocator's reuse, on CPU)."""
     rows = max(c.stop - c.start for _, chunks in _blocks(n, vocab, like.device) for c in chunks)
-    return hugepages.empty((rows, vocab), like, dtype=torch.float32)
+    return scratch.empty((rows, vocab), like, dtype=torch.float32)
 
 
 class _HeadCrossEntropy(torch.autograd.Function):
@@ -80,7 +80,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
         N, V = x_ND.shape[0], weight_VD.shape[0]
         valid_N = targets_N != IGNORE_INDEX
         safe_targets_N = torch.where(valid_N, targets_N, 0)
-        logits_NV = hugepages.empty((N, V), x_ND)
+        logits_NV = scratch.empty((N, V), x_ND)
         target_logprob_N = torch.empty(N, dtype=torch.float32, device=x_ND.device)
         work_CV = _workspace(N, V, x_ND)
         for block, chunks in _blocks(N, V, x_ND.device):
@@ -105,10 +105,10 @@ class _HeadCrossEntropy(torch.autograd.Function):
         fp32 = x_ND.dtype == torch.float32
         scale_N = None if grad_loss is None else valid_N.float() * (grad_loss / count)
         grad_x_ND = torch.empty_like(x_ND)
-        grad_w_VD = torch.empty(weight_VD.shape, dtype=torch.float32, device=x_ND.device)
+        grad_w_VD = scratch.empty(weight_VD.shape, x_ND, dtype=torch.float32)
         blocks = list(_blocks(N, V, x_ND.device))
         # d loss / d logits for one block, in the GEMMs' dtype.
-        g_BV = hugepages.empty((blocks[0][0].stop, V), x_ND)
+        g_BV = scratch.empty((blocks[0][0].stop, V), x_ND)
         work_CV = None if fp32 else _workspace(N, V, x_ND)
         for i, (block, chunks) in enumerate(blocks):
             for rows in chunks:

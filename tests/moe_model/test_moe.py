@@ -198,3 +198,30 @@ def test_grouped_mm_on_cuda_matches_loop_in_bf16():
     torch.testing.assert_close(y, y_ref, atol=2e-2, rtol=2e-2)
     for a, b in zip(grads, _grads(moe, x, y_ref, g), strict=True):
         torch.testing.assert_close(a, b, atol=5e-2, rtol=5e-2)
+
+
+def test_pooled_buffers_across_steps_and_retained_graphs(monkeypatch):
+    """With every buffer pooled, repeated steps and a second backward through a retained
+    graph still give the naive reference's gradients (saved tensors are never reused)."""
+    from moe_model import hugepages, scratch
+
+    monkeypatch.setattr(scratch, "MIN_BYTES", 1)
+    monkeypatch.setattr(hugepages, "MIN_BYTES", 1)
+    scratch.clear()
+    moe = _moe()
+    moe.backend = "loop"
+    x = torch.randn(3, 11, moe.w2.shape[1], requires_grad=True)
+    g = torch.randn_like(x)
+    y_ref = _naive(moe, x)
+    expected = _grads(moe, x, y_ref, g)
+    for _ in range(2):
+        y, _, _, _ = moe(x)
+        first = torch.autograd.grad(
+            y, [x, moe.router.weight, moe.w13, moe.w2], g, retain_graph=True
+        )
+        moe(torch.randn_like(x))[0].sum().backward()  # another step in between
+        second = _grads(moe, x, y, g)
+        for a, b, c in zip(first, second, expected, strict=True):
+            torch.testing.assert_close(a, c, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(b, c, atol=1e-4, rtol=1e-4)
+    scratch.clear()

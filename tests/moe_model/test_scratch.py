@@ -1,0 +1,75 @@
+"""The CPU scratch pool: a buffer comes back only when no live tensor shares its storage."""
+
+import pytest
+import torch
+
+from moe_model import hugepages, scratch
+
+
+@pytest.fixture(autouse=True)
+def small_pool(monkeypatch):
+    """Pool (and huge-page) every size, start empty, leave nothing behind."""
+    monkeypatch.setattr(scratch, "MIN_BYTES", 1)
+    monkeypatch.setattr(hugepages, "MIN_BYTES", 1)
+    scratch.clear()
+    yield
+    scratch.clear()
+
+
+def test_a_released_buffer_is_reused():
+    like = torch.empty(0)
+    a = scratch.empty((4, 8), like)
+    ptr = a.data_ptr()
+    del a
+    b = scratch.empty((8, 4), like)
+    assert b.data_ptr() == ptr and b.shape == (8, 4)
+
+
+def test_a_buffer_in_use_is_never_handed_out_again():
+    like = torch.empty(0)
+    a = scratch.empty((4, 8), like)
+    a.fill_(1.0)
+    b = scratch.empty((4, 8), like)
+    assert b.data_ptr() != a.data_ptr()
+    b.fill_(2.0)
+    assert torch.all(a == 1.0)
+
+
+def test_a_view_or_saved_tensor_keeps_the_buffer_busy():
+    like = torch.empty(0)
+    a = scratch.empty((4, 8), like)
+    row = a[1]
+    ptr = a.data_ptr()
+    del a
+    assert scratch.empty((4, 8), like).data_ptr() != ptr
+    del row
+    assert scratch.empty((4, 8), like).data_ptr() == ptr
+
+
+def test_dtype_and_size_are_part_of_the_key():
+    like = torch.empty(0)
+    a = scratch.empty((4, 8), like)
+    ptr = a.data_ptr()
+    del a
+    other_dtype = scratch.empty((4, 8), like, dtype=torch.float64)
+    other_size = scratch.empty((4, 9), like)
+    assert ptr not in (other_dtype.data_ptr(), other_size.data_ptr())
+    assert other_dtype.dtype == torch.float64
+
+
+def test_pool_is_bounded_least_recently_used_first(monkeypatch):
+    monkeypatch.setattr(scratch, "MAX_POOL_BYTES", 3 * 32 * 4)
+    like = torch.empty(0)
+    for cols in (8, 9, 10, 11):  # four distinct keys of 32..44 floats
+        scratch.empty((4, cols), like)
+    assert scratch.pooled_bytes() <= 3 * 32 * 4
+    a = scratch.empty((4, 11), like)  # the most recent key survived
+    ptr = a.data_ptr()
+    del a
+    assert scratch.empty((4, 11), like).data_ptr() == ptr
+
+
+def test_small_buffers_are_not_pooled(monkeypatch):
+    monkeypatch.setattr(scratch, "MIN_BYTES", 1024)
+    scratch.empty((4, 8), torch.empty(0))
+    assert scratch.pooled_bytes() == 0
