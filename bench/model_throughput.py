@@ -69,6 +69,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--ours-backend", default="auto", choices=["auto", "loop", "grouped_mm"])
     p.add_argument("--threads", type=int, help="torch intra-op threads (CPU)")
+    p.add_argument(
+        "--optimizer",
+        default="fused",
+        choices=["fused", "foreach", "single"],
+        help="AdamW implementation for both sides (the trainer uses fused)",
+    )
     p.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -153,8 +159,17 @@ def build_hf(cfg: ModelConfig, impl: str, args: argparse.Namespace):
     return hf.train()
 
 
-def make_step(model, ids: torch.Tensor) -> Callable[[], torch.Tensor]:
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+OPTIMIZERS = {
+    "fused": dict(fused=True),
+    "foreach": dict(foreach=True),
+    "single": dict(foreach=False),
+}
+
+
+def make_step(model, ids: torch.Tensor, optimizer: str = "fused") -> Callable[[], torch.Tensor]:
+    """One training step; AdamW as `jobs.train.optim` builds it (fused) unless told otherwise."""
+    kwargs = OPTIMIZERS[optimizer]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, **kwargs)
 
     def step() -> float:
         out = model(ids, labels=ids)
@@ -225,9 +240,9 @@ def run_worker(args: argparse.Namespace) -> None:
     ids = make_batch(cfg, args)
     baseline = rss_bytes("VmRSS")
     if args.worker == "ours":
-        step = make_step(build_ours(cfg, args), ids)
+        step = make_step(build_ours(cfg, args), ids, args.optimizer)
     else:
-        step = make_step(build_hf(cfg, args.worker.removeprefix("hf_"), args), ids)
+        step = make_step(build_hf(cfg, args.worker.removeprefix("hf_"), args), ids, args.optimizer)
     for _ in range(3):
         step()
     peak = rss_bytes("VmHWM")
@@ -281,9 +296,9 @@ def main(argv: list[str] | None = None) -> None:
             results.update(_measure_cuda_side(side, cfg, ids, args))
             memory[side] = results[side].pop("peak_mem_mb")
     else:
-        steps = {"ours": make_step(build_ours(cfg, args), ids)}
+        steps = {"ours": make_step(build_ours(cfg, args), ids, args.optimizer)}
         for impl in args.hf_impls:
-            steps[f"hf_{impl}"] = make_step(build_hf(cfg, impl, args), ids)
+            steps[f"hf_{impl}"] = make_step(build_hf(cfg, impl, args), ids, args.optimizer)
         results = time_interleaved(steps, args)
         del steps
         if not args.no_memory:
@@ -306,6 +321,7 @@ def main(argv: list[str] | None = None) -> None:
         "seq": args.seq,
         "steps": args.steps,
         "ours_backend": args.ours_backend,
+        "optimizer": f"AdamW ({args.optimizer})",
         "config": cfg.to_dict(),
         "params": cfg.num_params(),
         "active_params": cfg.num_active_params(),
@@ -326,7 +342,7 @@ def main(argv: list[str] | None = None) -> None:
 def _measure_cuda_side(side: str, cfg: ModelConfig, ids: torch.Tensor, args) -> dict[str, dict]:
     """One side at a time on the GPU, freed before the next, so peaks do not mix."""
     model = build_ours(cfg, args) if side == "ours" else build_hf(cfg, side[3:], args)
-    step = make_step(model, ids)
+    step = make_step(model, ids, args.optimizer)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     record = time_interleaved({side: step}, args)
