@@ -1,0 +1,26 @@
+"""The model benchmark runs end to end at a toy size and reports what the README quotes."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "model_throughput.py"
+
+
+@pytest.mark.slow
+def test_model_benchmark_prints_both_sides_and_the_ratios():
+    cmd = [sys.executable, str(BENCH), "--preset", "debug", "--batch", "2", "--seq", "32"]
+    cmd += ["--steps", "2", "--warmup", "1", "--no-memory", "--hf-impls", "eager"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=300).stdout
+    report = json.loads(out)
+    assert set(report["results"]) == {"ours", "hf_eager"}
+    # Same weights and batch on both sides: the first losses agree.
+    ours, hf = report["results"]["ours"], report["results"]["hf_eager"]
+    assert ours["first_loss"] == pytest.approx(hf["first_loss"], abs=1e-4)
+    assert len(ours["step_s"]) == len(hf["step_s"]) == 2
+    for key in ("speedup_vs_hf_best", "speedup_vs_hf_best_paired_median", "matmul_peak_tflops"):
+        assert report[key] > 0
+    assert report["optimizer"] == "AdamW (fused)"
