@@ -64,14 +64,14 @@ def _storage_refs(buf: torch.Tensor) -> int:
 def _add(key: tuple[torch.dtype, int], buf: torch.Tensor) -> torch.Tensor:
     global _pooled_bytes
     nbytes = buf.numel() * buf.dtype.itemsize
+    if nbytes > MAX_POOL_BYTES:
+        return buf
     while _pool and _pooled_bytes + nbytes > MAX_POOL_BYTES:
         old_key, bufs = next(iter(_pool.items()))
         old, _ = bufs.pop(0)
         _pooled_bytes -= old.numel() * old.dtype.itemsize
         if not bufs:
             del _pool[old_key]
-    if nbytes > MAX_POOL_BYTES:
-        return buf
     _pool.setdefault(key, []).append((buf, _storage_refs(buf)))
     _pool.move_to_end(key)
     _pooled_bytes += nbytes

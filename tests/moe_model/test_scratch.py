@@ -73,3 +73,15 @@ def test_small_buffers_are_not_pooled(monkeypatch):
     monkeypatch.setattr(scratch, "MIN_BYTES", 1024)
     scratch.empty((4, 8), torch.empty(0))
     assert scratch.pooled_bytes() == 0
+
+
+def test_a_buffer_larger_than_the_pool_evicts_nothing(monkeypatch):
+    monkeypatch.setattr(scratch, "MAX_POOL_BYTES", 2 * 32 * 4)
+    like = torch.empty(0)
+    a = scratch.empty((4, 8), like)
+    ptr = a.data_ptr()
+    del a
+    huge = scratch.empty((4, 100), like)  # over the cap: handed out, never pooled
+    assert scratch.pooled_bytes() == 32 * 4
+    del huge
+    assert scratch.empty((4, 8), like).data_ptr() == ptr
