@@ -46,6 +46,12 @@ GPU_CONFIG = dict(
     max_seq_len=4096,
 )
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# AdamW implementations; the trainer (`jobs.train.optim`) uses fused.
+OPTIMIZERS = {
+    "fused": dict(fused=True),
+    "foreach": dict(foreach=True),
+    "single": dict(foreach=False),
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -72,7 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--optimizer",
         default="fused",
-        choices=["fused", "foreach", "single"],
+        choices=list(OPTIMIZERS),
         help="AdamW implementation for both sides (the trainer uses fused)",
     )
     p.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
@@ -157,13 +163,6 @@ def build_hf(cfg: ModelConfig, impl: str, args: argparse.Namespace):
     assert not unexpected and all(k == "lm_head.weight" for k in missing), (missing, unexpected)
     del ours
     return hf.train()
-
-
-OPTIMIZERS = {
-    "fused": dict(fused=True),
-    "foreach": dict(foreach=True),
-    "single": dict(foreach=False),
-}
 
 
 def make_step(model, ids: torch.Tensor, optimizer: str = "fused") -> Callable[[], torch.Tensor]:

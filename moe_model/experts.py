@@ -10,9 +10,9 @@ gather each slot's row back and mix with the router weights.
 Two expert kernels:
 - grouped GEMM (CUDA, bf16): `torch.nn.functional.grouped_mm` with autograd, no host sync.
 - a loop over experts (CPU and everything else) inside one autograd.Function whose
-  hand-written backward keeps only x, the expert pre-activations and outputs, writes every
-  gradient straight into its final buffer (no cat/split/zero-fill of per-expert pieces),
-  and turns the combine's backward into a gather instead of a scatter.
+  hand-written backward reuses what forward gathered and computed (nothing is recomputed),
+  writes every gradient straight into its final buffer (no cat/split/zero-fill of
+  per-expert pieces), and turns the combine's backward into a gather instead of a scatter.
 """
 
 from __future__ import annotations
@@ -140,8 +140,7 @@ class _LoopFFN(torch.autograd.Function):
         if idle:
             grad_w13_E2FD[idle] = 0
             grad_w2_EDF[idle] = 0
-        # Padding rows read the zero row T, which is cut off.
-        grad_x_TD = grad_TD.new_zeros(T + 1, D).index_add_(0, src_row_P, grad_x_PD)[:T]
+        grad_x_TD = grad_TD.new_zeros(T, D).index_add_(0, src_row_P, grad_x_PD)
         return grad_x_TD, grad_weights_TK, grad_w13_E2FD, grad_w2_EDF, None, None
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moe_model import hugepages
+from moe_model import hugepages, scratch
 from moe_model import loss as loss_mod
 from moe_model.loss import causal_lm_loss, head_and_loss
 
@@ -67,8 +67,10 @@ def test_last_position_and_ignored_labels_do_not_count():
 
 
 def test_huge_page_logits_buffer_matches_reference(monkeypatch):
-    """The CPU logits live in an mmap'd buffer above a size threshold; force that path."""
+    """The CPU logits live in a pooled, mmap'd buffer above a size threshold; force that path."""
     monkeypatch.setattr(hugepages, "MIN_BYTES", 1)
+    monkeypatch.setattr(scratch, "MIN_BYTES", 1)
+    scratch.clear()
     h, w, labels = _inputs(3)
     logits, loss = head_and_loss(h, w, labels)
     ref_logits = F.linear(h, w)
