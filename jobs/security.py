@@ -15,36 +15,28 @@ import io
 import os
 import pickle
 import posixpath
-import re
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from jobs.errors import JobError
 
-REDACTED = "***"
-# Words that name a credential wherever they appear in a key (``aws_secret_access_key``,
-# ``apiKey``, ``RAY_AUTH_TOKEN``); whole words only, so ``tokenizer`` and ``monkey`` pass.
-_SECRET_WORDS = frozenset(
-    {"secret", "password", "passwd", "passphrase", "token", "key", "apikey", "credential",
-     "credentials", "auth", "authorization", "cookie", "signature"}
-)  # fmt: skip
-# A following word that describes or locates the credential instead of holding it
-# (``RAY_AUTH_MODE``, ``MLFLOW_AUTH_CONFIG_PATH``); URIs are still checked by ``redact_uri``.
-_DESCRIPTOR_NEXT = frozenset(
-    {"mode", "type", "types", "method", "enabled", "count", "len", "length",
-     "config", "path", "file", "dir", "url", "uri", "endpoint"}
-)  # fmt: skip
-# In a language-model code base "token" is also the unit of text: ``eos_token_id`` is not a secret.
-_TEXT_TOKEN_NEXT = frozenset({"id", "ids"})
-# "auth" and "authorization" hold a credential only as the last word (``basic_auth``); before
-# other words they are a namespace and those words decide (``RAY_AUTH_TOKEN``: yes,
-# ``MLFLOW_AUTH_ADMIN_USERNAME``: no).
-_NAMESPACE_WORDS = frozenset({"auth", "authorization"})
-_WORD = re.compile(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])")
-_URI_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<userinfo>[^/@\s]+)@")
-_URI = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"]+")
+# Redaction lives in ``pipeline`` (the manifest needs it too); re-exported for every caller here.
+from pipeline.redaction import (
+    REDACTED,
+    is_credential,
+    is_secret_key,
+    redact,
+    redact_uri,
+    split_secrets,
+    strip_uri_credentials,
+)
+
+__all__ = [
+    "REDACTED", "PathEscapeError", "UnsafeLoadError", "ensure_within", "is_credential",
+    "is_secret_key", "redact", "redact_uri", "safe_dcp_reader", "safe_join", "safe_torch_load",
+    "split_secrets", "strip_uri_credentials",
+]  # fmt: skip
 
 
 class PathEscapeError(JobError):
@@ -53,58 +45,6 @@ class PathEscapeError(JobError):
 
 class UnsafeLoadError(JobError):
     """A model or checkpoint file would need unpickling arbitrary objects to load."""
-
-
-def is_secret_key(key: str) -> bool:
-    words = [w.lower() for w in _WORD.findall(key)]
-    for i, word in enumerate(words):
-        if word not in _SECRET_WORDS:
-            continue
-        following = words[i + 1] if i + 1 < len(words) else ""
-        if following in _DESCRIPTOR_NEXT or (word == "token" and following in _TEXT_TOKEN_NEXT):
-            continue
-        if following and word in _NAMESPACE_WORDS:
-            continue
-        return True
-    return False
-
-
-def _redact_query(uri: str) -> str:
-    parts = urlsplit(uri)
-    if not parts.query:
-        return uri
-    pairs = parse_qsl(parts.query, keep_blank_values=True)
-    if not any(is_secret_key(k) for k, _ in pairs):
-        return uri
-    query = urlencode([(k, REDACTED if is_secret_key(k) else v) for k, v in pairs], safe="*")
-    return urlunsplit(parts._replace(query=query))
-
-
-def redact_uri(value: str) -> str:
-    """``https://user:pw@host/x?token=t`` -> ``https://***@host/x?token=***``, also inside text."""
-    value = _URI_USERINFO.sub(lambda m: f"{m['scheme']}{REDACTED}@", value)
-    return _URI.sub(lambda m: _redact_query(m.group(0)), value)
-
-
-def redact(value: Any, key: str = "") -> Any:
-    """A copy of ``value`` with secret-named keys and URI credentials replaced by ``***``."""
-    if key and is_secret_key(key.rsplit(".", 1)[-1]) and value not in (None, ""):
-        return REDACTED
-    if hasattr(value, "get_secret_value"):
-        return REDACTED
-    if isinstance(value, Mapping):
-        return {k: redact(v, str(k)) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(redact(v) for v in value)
-    if isinstance(value, str):
-        return redact_uri(value)
-    return value
-
-
-def strip_query_secrets(uri: str) -> str:
-    """Drop a URI's query string (presigned URLs carry signatures there)."""
-    parts = urlsplit(uri)
-    return urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
 
 
 def _is_remote(uri: str) -> bool:

@@ -14,6 +14,8 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from pipeline.redaction import is_secret_key, redact
+
 M = TypeVar("M", bound=BaseModel)
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
@@ -73,7 +75,9 @@ def format_validation_error(err: ValidationError) -> str:
         inner = str(first.get("ctx", {}).get("error", msg.removeprefix("Value error, ")))
         return inner if "config key" in inner else f"config key {key!r}: {inner}"
     if "input" in first and first["type"] != "missing":
-        return f"config key {key!r}: {msg} (got {first['input']!r})"
+        if any(is_secret_key(str(part)) for part in first["loc"]):
+            return f"config key {key!r}: {msg} (the value is not shown: the key holds a credential)"
+        return f"config key {key!r}: {msg} (got {redact(first['input'])!r})"
     return f"config key {key!r}: {msg}"
 
 

@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator
 
+from pipeline.redaction import redact
+
 RUNTIME_ONLY = ("num_workers", "batch_size", "s3", "incremental")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -125,5 +127,6 @@ class PrepareConfig(_Section):
         return self.model_dump(mode="json", exclude=set(RUNTIME_ONLY))
 
     def public_view(self) -> dict[str, Any]:
-        """The resolved config as written to the manifest (``SecretStr`` dumps as stars)."""
-        return self.model_dump(mode="json")
+        """The resolved config as written to the manifest: credentials redacted, by key
+        (``SecretStr`` fields) and by value (``data.s3.endpoint_url``, input URIs)."""
+        return redact(self.model_dump(mode="json"))

@@ -69,7 +69,7 @@ def find(
 ) -> Found | None:
     """The newest committed dataset under ``parent_uri`` for exactly ``sources``, else the
     base covering the most of them (newest first on a tie), else None."""
-    ours = {s.uri: s.listing_entry() for s in sources}
+    ours = {e["path"]: e for e in (s.listing_entry() for s in sources)}
     want = comparable(cfg.public_view())
     same, bases = [], []
     for uri, m in _committed(parent_uri, cfg):
@@ -109,7 +109,7 @@ def _committed(parent_uri: str, cfg: PrepareConfig):
 
 def new_sources(base: Found, sources: list[SourceFile]) -> list[SourceFile]:
     known = {e["path"] for e in base.manifest["sources"]}
-    return [s for s in sources if s.uri not in known]
+    return [s for s in sources if s.listing_entry()["path"] not in known]
 
 
 def base_tokenizer(base: Found, cfg: PrepareConfig) -> TokenizerBundle:

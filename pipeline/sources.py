@@ -15,6 +15,7 @@ from typing import Any
 
 from pipeline.config import S3Options
 from pipeline.errors import InputNotFoundError, PipelineError
+from pipeline.redaction import redact_uri
 from pipeline.storage import filesystem
 
 COMPRESSIONS = {".gz": "gzip", ".gzip": "gzip", ".zst": "zstd", ".zstd": "zstd"}
@@ -48,7 +49,9 @@ class SourceFile:
         return cls(**d)
 
     def listing_entry(self) -> dict[str, Any]:
-        return {"path": self.uri, "size": self.size, "mtime_or_etag": self.version}
+        """What the manifest and the fingerprint keep: credentials in the URI redacted, so a
+        rotated password neither leaks nor rebuilds the dataset."""
+        return {"path": redact_uri(self.uri), "size": self.size, "mtime_or_etag": self.version}
 
 
 def detect_format(name: str) -> tuple[str, str | None]:

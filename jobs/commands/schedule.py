@@ -49,8 +49,14 @@ def add(
     tree = raw_tree(config, set_)
     cfg = load_root(config, set_)
     addr = resolve_address(address, cfg.cluster)
-    _store(config, set_).add(check_name(name), trigger, tree, addr)
+    withheld = _store(config, set_).add(check_name(name), trigger, tree, addr)
     typer.echo(f"added {name}")
+    if withheld:
+        typer.echo(
+            f"not stored (credentials): {', '.join(withheld)}; when the schedule fires, the "
+            "job gets them from the cluster's environment (AWS_*, MLFLOW_TRACKING_USERNAME/"
+            "PASSWORD, ...), and the scheduler's own from its environment"
+        )
 
 
 @app.command("list")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.errors import JobError
+from jobs.security import split_secrets
 
 ACTIVE = ("SUBMITTING", "PENDING", "RUNNING")
 SCHEMA = """
@@ -37,7 +38,7 @@ CREATE TABLE IF NOT EXISTS runs (
 class Schedule:
     name: str
     trigger: dict[str, Any]  # {"cron": "*/5 * * * *"} or {"every": 30}
-    tree: dict[str, Any]  # raw config tree (YAML + --set), validated at add time
+    tree: dict[str, Any]  # config tree (YAML + --set) minus credentials, validated at add time
     address: str
     paused: bool
 
@@ -79,7 +80,15 @@ class ScheduleStore:
             db.row_factory = sqlite3.Row
             yield db
 
-    def add(self, name: str, trigger: dict[str, Any], tree: dict[str, Any], address: str) -> None:
+    def add(
+        self, name: str, trigger: dict[str, Any], tree: dict[str, Any], address: str
+    ) -> list[str]:
+        """Store a schedule without its credentials; returns the dotted keys withheld.
+
+        The file is readable by whoever can read the scheduler's folder, and the job never
+        needed them: the cluster gives a job its credentials from its own environment."""
+        tree, withheld = split_secrets(tree)
+        address, in_address = split_secrets(address, "address")
         try:
             with self._db() as db:
                 db.execute(
@@ -88,6 +97,7 @@ class ScheduleStore:
                 )
         except sqlite3.IntegrityError:
             raise JobError(f"schedule {name!r} already exists (remove it first)") from None
+        return withheld + in_address
 
     def get(self, name: str) -> Schedule | None:
         with self._db() as db:

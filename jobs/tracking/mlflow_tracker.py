@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jobs.security import redact
+from jobs.security import redact, redact_uri
 from jobs.tracking.base import flatten_params, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,7 @@ class MlflowTracker:
         for key, value in _HTTP_DEFAULTS.items():
             os.environ.setdefault(key, value)
         self.uri = resolve_tracking_uri(uri)
+        self.shown_uri = redact_uri(self.uri)  # what logs say: never the URI's userinfo
         self.experiment = experiment
         self.run_name = run_name
         self.run_key = run_key or run_name
@@ -162,20 +163,24 @@ class MlflowTracker:
                 self._deliver()
             except Exception as e:
                 if self.run_id is not None and not _transient(e):
-                    log.warning("MLflow rejected an item, dropping it: %s", str(e)[:300])
+                    log.warning(
+                        "MLflow rejected an item, dropping it: %s", redact_uri(str(e)[:300])
+                    )
                     self._pending.pop(0)
                     self.dropped += 1
                     continue
                 if not self._warned:
                     log.warning(
                         "MLflow at %s unreachable (%s); training goes on, metrics are kept",
-                        self.uri,
-                        str(e).splitlines()[0][:200],
+                        self.shown_uri,
+                        redact_uri(str(e).splitlines()[0][:200]),
                     )
                     self._warned = True
                 return
             if self._warned:
-                log.warning("MLflow at %s is reachable again; delivered the backlog", self.uri)
+                log.warning(
+                    "MLflow at %s is reachable again; delivered the backlog", self.shown_uri
+                )
                 self._warned = False
             return
 
@@ -290,7 +295,7 @@ class MlflowTracker:
                 f.write(json.dumps(list(item)) + "\n")
         log.warning(
             "MLflow at %s still unreachable at the end: %d undelivered items kept in %s",
-            self.uri,
+            self.shown_uri,
             len(self._pending),
             path,
         )

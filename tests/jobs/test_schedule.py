@@ -49,6 +49,29 @@ def test_store_refuses_duplicate_runs_and_names(tmp_path):
     assert store.get("a").paused
 
 
+def test_schedule_add_stores_no_credential(tmp_path, monkeypatch, capsys):
+    """``schedule add`` keeps the config tree for later: credentials stay out of the file."""
+    from jobs.cli import main
+
+    store = tmp_path / "schedules.db"
+    overrides = [
+        f"schedule.store={store}", "data.s3.secret=PLANTED1",
+        "cluster.env_vars.PGPASSWORD=PLANTED2", "tracking.uri=http://ci:PLANTED3@mlflow:5000",
+        "data.s3.endpoint_url=http://minio:9000/?X-Amz-Signature=PLANTED4", "train.max_steps=7",
+    ]  # fmt: skip
+    args = ["schedule", "add", "nightly", "--every", "60", "--address", "http://head:8265"]
+    monkeypatch.setattr("sys.argv", ["moe-pretrain", *args, *[f"--set={o}" for o in overrides]])
+    with pytest.raises(SystemExit) as done:
+        main()
+    out = capsys.readouterr().out
+    assert done.value.code == 0, out
+    assert "PLANTED" not in store.read_bytes().decode("latin-1")
+    assert "not stored (credentials): data.s3.secret" in out and "PLANTED" not in out
+    saved = ScheduleStore(store).require("nightly").tree
+    assert saved["tracking"]["uri"] == "http://mlflow:5000"
+    assert saved["train"]["max_steps"] == 7 and "PGPASSWORD" not in saved["cluster"]["env_vars"]
+
+
 def runs_of(store: ScheduleStore, name: str):
     return sorted(store.history(name, limit=100), key=lambda r: r.scheduled_time)
 

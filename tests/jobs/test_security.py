@@ -16,17 +16,24 @@ from jobs.security import (
     redact,
     redact_uri,
     safe_join,
+    split_secrets,
+    strip_uri_credentials,
 )
 
 SECRET_KEYS = [
     "password", "secret", "token", "key", "credentials", "api_key", "apiKey", "hf_token",
     "aws_secret_access_key", "AWS_ACCESS_KEY_ID", "MLFLOW_TRACKING_PASSWORD", "RAY_AUTH_TOKEN",
     "data.s3.secret", "db_passwd", "basic_auth", "session-token", "PrivateKey",
+    # names the first version missed (issue 11)
+    "PGPASSWORD", "MYSQL_PWD", "DB_PASS", "AUTHTOKEN", "SECRETKEY", "tokens", "secrets",
+    "apiKeys", "connection_string", "webhook_url", "authorization_header",
 ]  # fmt: skip
 INNOCENT_KEYS = [
     "tokenizer", "vocab_size", "keep_last_k", "monkey", "max_tokens", "tokens_per_expert",
     "eos_token_id", "pad_token_ids", "keyboard", "RAY_AUTH_MODE", "MLFLOW_AUTH_CONFIG_PATH",
     "MLFLOW_TRACKING_USERNAME", "authorization_function", "num_tokens", "secretary",
+    "special_tokens", "tokens_seen", "sample_max_new_tokens", "tokens_per_s", "PWD",
+    "sort_keys", "endpoint_url", "bypass",
 ]  # fmt: skip
 
 
@@ -77,6 +84,75 @@ def test_credentials_inside_uris_are_redacted_wherever_they_appear():
     for raw, expected in cases.items():
         assert redact_uri(raw) == expected
         assert redact({"uri": raw})["uri"] == expected
+
+
+PLANTED = "PLANTED"
+# Userinfo with "/" (AWS secret keys hold it) or "@", and query-string credentials.
+HIDDEN_IN_VALUES = {
+    f"s3://AKIA:ab/{PLANTED}/cd@bucket/data": ("s3://***@bucket/data", "s3://bucket/data"),
+    f"https://user:p@ss{PLANTED}@host/x": ("https://***@host/x", "https://host/x"),
+    f"https://acct.blob/c/f.jsonl?sv=2022&sig={PLANTED}": (
+        "https://acct.blob/c/f.jsonl?sv=2022&sig=***",
+        "https://acct.blob/c/f.jsonl?sv=2022",
+    ),
+    f"https://b.s3/k?X-Amz-Signature={PLANTED}&x-id=GetObject": (
+        "https://b.s3/k?X-Amz-Signature=***&x-id=GetObject",
+        "https://b.s3/k?x-id=GetObject",
+    ),
+    f"postgresql://db/mlflow?user=u&password={PLANTED}": (
+        "postgresql://db/mlflow?user=u&password=***",
+        "postgresql://db/mlflow?user=u",
+    ),
+    f"git+https://ghp_{PLANTED}@github.com/o/r.git": (
+        "git+https://***@github.com/o/r.git",
+        "git+https://github.com/o/r.git",
+    ),
+    "http://mlflow:5000/a@b": ("http://mlflow:5000/a@b", "http://mlflow:5000/a@b"),
+    "s3://bucket/key@v1": ("s3://bucket/key@v1", "s3://bucket/key@v1"),
+}
+
+
+@pytest.mark.parametrize("raw", sorted(HIDDEN_IN_VALUES))
+def test_userinfo_with_slash_or_at_and_query_credentials_are_caught(raw):
+    redacted, stripped = HIDDEN_IN_VALUES[raw]
+    assert redact_uri(raw) == redacted
+    assert strip_uri_credentials(raw) == stripped
+
+
+def test_split_secrets_keeps_what_works_and_names_what_was_withheld():
+    tree = {
+        "cluster": {
+            "env_vars": {"PGPASSWORD": PLANTED, "MYSQL_PWD": PLANTED, "LOG_LEVEL": "info"},
+            "pip": ["numpy", f"git+https://{PLANTED}@github.com/o/r.git"],
+        },
+        "data": {"s3": {"secret": PLANTED, "endpoint_url": f"http://k:{PLANTED}@minio:9000"}},
+        "train": {"sample_max_new_tokens": 32, "special_tokens": {"eos": "<eos>"}},
+        "hooks": {"webhook_url": f"https://hooks/x/{PLANTED}", "apiKeys": [PLANTED]},
+    }
+    kept, withheld = split_secrets(tree)
+    assert PLANTED not in repr(kept)
+    assert kept["cluster"] == {
+        "env_vars": {"LOG_LEVEL": "info"},
+        "pip": ["numpy", "git+https://github.com/o/r.git"],
+    }
+    assert kept["data"]["s3"] == {"endpoint_url": "http://minio:9000"}
+    assert kept["train"] == tree["train"] and kept["hooks"] == {}
+    assert withheld == [
+        "cluster.env_vars.PGPASSWORD",
+        "cluster.env_vars.MYSQL_PWD",
+        "cluster.pip[1] (credentials in the value)",
+        "data.s3.secret",
+        "data.s3.endpoint_url (credentials in the value)",
+        "hooks.webhook_url",
+        "hooks.apiKeys",
+    ]
+    assert PLANTED in tree["data"]["s3"]["secret"]  # a copy, the input is untouched
+
+
+def test_counts_under_token_words_are_not_credentials():
+    assert redact({"tokens": 1234, "keys": 3, "tokens_list": [PLANTED]})["tokens"] == 1234
+    assert redact({"tokens": [PLANTED]})["tokens"] == REDACTED
+    assert redact({"PGPASSWORD": 123456})["PGPASSWORD"] == REDACTED
 
 
 # --- paths ---------------------------------------------------------------------------

@@ -84,3 +84,21 @@ def test_the_pipelines_runs_log_no_secret(mlflow_uri):
     runs.set_tags(run_id, {"note": "ok", "source": f"https://x:{PLANTED}12@git/repo"})
     runs.end(run_id)
     _assert_clean(_everything_logged(runs.client, run_id))
+
+
+def test_the_tracker_never_logs_the_tracking_uris_userinfo(tmp_path, caplog):
+    """A server that is down makes the tracker warn, naming the server without its password."""
+    from servers import free_port
+
+    from jobs.tracking.mlflow_tracker import MlflowTracker
+
+    uri = f"http://pipeline:{PLANTED}@127.0.0.1:{free_port()}"
+    with caplog.at_level("WARNING", logger="jobs.tracking.mlflow_tracker"):
+        tracker = MlflowTracker(
+            uri=uri, experiment="security", run_name="uri-secrets", system_metrics=False,
+            retry_interval_s=0.1, close_timeout_s=0.5, spool_dir=str(tmp_path / "spool"),
+        )  # fmt: skip
+        tracker.log({"train/loss": 1.0}, step=1)
+        tracker.close()
+    assert "unreachable" in caplog.text and "127.0.0.1" in caplog.text
+    assert PLANTED not in caplog.text

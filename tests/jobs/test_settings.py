@@ -108,3 +108,24 @@ def test_cli_prints_one_line_and_exits_2(tmp_path):
     assert (
         out.stderr.strip() == "error: config key 'model.top_k': must be <= num_experts (8), got 9"
     )
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "data.s3.secret=[PLANTED]",
+        "cluster.env_vars.DB_PASSWORD=[PLANTED]",
+        'tracking.uri=["http://pipeline:PLANTED@mlflow:5000"]',
+    ],
+)
+def test_a_rejected_credential_is_not_echoed(override, capsys, monkeypatch, tmp_path):
+    """The CLI's one-line error names the key, never the secret value it refused."""
+    from jobs.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.argv", ["moe-pretrain", "run", "--set", override])
+    with pytest.raises(SystemExit) as done:
+        main()
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and err.startswith("error: config key ")
+    assert "PLANTED" not in err and override.split("=")[0] in err

@@ -141,3 +141,20 @@ def test_builtin_python_docs_corpus(tmp_path):
     ds = DatasetReader(result.uri)
     first = ds.load_tokenizer().decode(split_stream(ds, "train")[:40].tolist())
     assert first.startswith(("Module ", "class ", "def ", "async def "))
+
+
+def test_the_manifest_holds_no_credential(clean_corpus, tmp_path):
+    """``data.s3.endpoint_url`` (with userinfo and a signature) and the input URIs are
+    written redacted; a rerun is still a cache hit."""
+    endpoint = "http://minio:PLANTED1@s3.local:9000/?X-Amz-Signature=PLANTED2"
+    cfg = tiny_config([str(clean_corpus)], s3={"endpoint_url": endpoint, "secret": "PLANTED3"})
+    result = prepare(cfg, str(tmp_path / "out"), progress=False, executor="local")
+    text = (
+        (tmp_path / "out" / "datasets" / "tiny" / result.manifest["fingerprint"])
+        .joinpath("manifest.json")
+        .read_text()
+    )
+    assert "PLANTED" not in text
+    shown = json.loads(text)["config"]["s3"]
+    assert shown["endpoint_url"] == "http://***@s3.local:9000/?X-Amz-Signature=***"
+    assert prepare(cfg, str(tmp_path / "out"), progress=False, executor="local").cache_hit
