@@ -1,15 +1,24 @@
-"""Training-step throughput and peak memory: moe_model vs transformers' MixtralForCausalLM.
+"""Training-step throughput and peak memory: the trainer's step vs transformers' Mixtral.
 
-Both sides get the same config, the same weights (ours built from a seed, copied into HF),
-the same token batch and device; a step is forward (with labels, router aux loss on),
-backward and AdamW. HF runs each of its experts implementations; the fastest is the
-reference. Step times are taken interleaved (ours, hf_a, hf_b, ours, ...) in this process
-so a shared, noisy machine slows every side alike. Peak memory: on CUDA
+Ours is the trainer's own step, `jobs.train.step.train_step` (what `jobs/train/loop.py`
+calls): forward with aligned targets through the fused LM head + cross-entropy, backward,
+gradient clipping, fused AdamW from `jobs.train.optim.build_optimizer`, router-bias update.
+HF's step: `MixtralForCausalLM` forward on the same inputs and targets (router aux loss on),
+backward, the same clipping and the same optimizer builder. Both sides get the same config,
+the same weights (ours built from a seed, copied into HF), the same rows of seq + 1 tokens,
+the same device. HF runs each of its experts implementations; the fastest is the reference.
+
+Several configs (the CPU default: `tiny`; one with other head count, GQA ratio and vocab;
+one with 16 experts top-1), none tuned for: the report gives the ratio per config and their
+geometric mean. Step times are interleaved (ours, hf_a, hf_b, ours, ...) in this process so
+a shared, noisy machine slows every side alike. Peak memory: on CUDA
 `torch.cuda.max_memory_allocated`, on CPU the peak RSS growth of a fresh subprocess per
 side (VmHWM after the run minus VmRSS after imports). MFU uses a matmul peak measured in
 this run and `ModelConfig.flops_per_token`.
 
-    python bench/model_throughput.py                          # CPU, fp32, tiny, 8 x 256
+    python bench/model_throughput.py                          # CPU, fp32, 3 configs, 8 x 256
+    python bench/model_throughput.py --configs tiny           # one of CONFIGS
+    python bench/model_throughput.py --preset debug --set top_k=1   # one custom config
     python bench/model_throughput.py --device cuda            # bf16, ~1B-active, 4 x 2048
 
 Prints one JSON object.
@@ -19,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -30,10 +40,28 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from jobs.train.config import TrainConfig  # noqa: E402
+from jobs.train.optim import build_optimizer  # noqa: E402
+from jobs.train.step import Trainee, train_step  # noqa: E402
 from moe_model import ModelConfig, MoETransformer  # noqa: E402
 from moe_model.hf import hf_config  # noqa: E402
 
-# ~1B active / ~3.1B total; head_dim 128 as in Mixtral. Used by default with --device cuda.
+# The CPU configs: presets plus overrides. Each varies what a CPU trick could be fitted to:
+# head count and head dim, GQA ratio, vocab (and untied head), experts and top-k.
+CONFIGS: dict[str, dict] = {
+    "tiny": dict(preset="tiny"),
+    "d288-h6kv2-v4096": dict(
+        preset="tiny",
+        hidden_size=288,
+        intermediate_size=576,
+        num_heads=6,
+        num_kv_heads=2,
+        vocab_size=4096,
+        tie_embeddings=False,
+    ),
+    "e16-top1": dict(preset="tiny", num_experts=16, top_k=1),
+}
+# ~1B active / ~3.1B total; head_dim 128 as in Mixtral. The default with --device cuda.
 GPU_CONFIG = dict(
     vocab_size=32000,
     hidden_size=2048,
@@ -47,11 +75,7 @@ GPU_CONFIG = dict(
 )
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # AdamW implementations; the trainer (`jobs.train.optim`) uses fused.
-OPTIMIZERS = {
-    "fused": dict(fused=True),
-    "foreach": dict(foreach=True),
-    "single": dict(foreach=False),
-}
+OPTIMIZERS = {"fused": True, "foreach": False}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -61,8 +85,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--dtype", choices=list(DTYPES), help="default: float32 on CPU, bfloat16 on CUDA"
     )
     p.add_argument(
-        "--preset", help="model preset (default: tiny on CPU, a ~1B-active shape on CUDA)"
+        "--configs",
+        help=f"comma-separated names from {sorted(CONFIGS)} (default: all on CPU)",
     )
+    p.add_argument("--preset", help="one custom config: this preset (with --set overrides)")
     p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="config overrides")
     p.add_argument("--batch", type=int, help="default: 8 on CPU, 4 on CUDA")
     p.add_argument("--seq", type=int, help="default: 256 on CPU, 2048 on CUDA")
@@ -94,16 +120,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def build_config(args: argparse.Namespace) -> ModelConfig:
+def build_configs(args: argparse.Namespace) -> dict[str, ModelConfig]:
+    """Named configs to run: a custom one (--preset/--set), --configs, or the device default."""
     overrides = {}
     for item in args.set:
         key, _, raw = item.partition("=")
         overrides[key] = json.loads(raw) if raw not in ("None", "none") else None
-    if args.preset:
-        return ModelConfig.preset(args.preset, **overrides)
-    if args.device == "cuda":
-        return ModelConfig(**{**GPU_CONFIG, **overrides})
-    return ModelConfig.preset("tiny", **overrides)
+    if args.preset or (overrides and not args.configs):
+        base = ModelConfig.preset(args.preset or "tiny", **overrides)
+        return {args.preset or "custom": base}
+    if args.configs:
+        names = [n for n in args.configs.split(",") if n]
+    elif args.device == "cuda":
+        return {"gpu-1b-active": ModelConfig(**{**GPU_CONFIG, **overrides})}
+    else:
+        names = list(CONFIGS)
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        raise SystemExit(f"--configs: unknown {unknown[0]!r}, expected one of {sorted(CONFIGS)}")
+    out = {}
+    for name in names:
+        fields = dict(CONFIGS[name])
+        out[name] = ModelConfig.preset(fields.pop("preset"), **{**fields, **overrides})
+    return out
 
 
 def build_ours(cfg: ModelConfig, args: argparse.Namespace) -> MoETransformer:
@@ -160,24 +199,47 @@ def build_hf(cfg: ModelConfig, impl: str, args: argparse.Namespace):
     hf.set_experts_implementation(impl)
     ours = build_ours(cfg, args)
     missing, unexpected = hf.load_state_dict(hf_state_from_ours(ours), strict=False)
-    assert not unexpected and all(k == "lm_head.weight" for k in missing), (missing, unexpected)
+    tied = cfg.tie_embeddings and all(k == "lm_head.weight" for k in missing)
+    assert not unexpected and (tied or not missing), (missing, unexpected)
     del ours
     return hf.train()
 
 
-def make_step(model, ids: torch.Tensor, optimizer: str = "fused") -> Callable[[], torch.Tensor]:
-    """One training step; AdamW as `jobs.train.optim` builds it (fused) unless told otherwise."""
-    kwargs = OPTIMIZERS[optimizer]
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, **kwargs)
+def ours_step(model: MoETransformer, rows: torch.Tensor, args) -> Callable[[], float]:
+    """The trainer's step itself: `train_step` on a `Trainee` as `jobs.train.loop` builds it."""
+    tc = TrainConfig()
+    opt = build_optimizer(model, tc, fused=OPTIMIZERS[args.optimizer])
+    tr = Trainee(model, model, opt, torch.device(args.device), bf16=args.dtype == "bfloat16")
 
     def step() -> float:
-        out = model(ids, labels=ids)
-        out.loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return out.loss.detach()
+        return train_step(tr, [rows], tc.lr, tc.grad_clip, poison=False).loss
 
     return step
+
+
+def hf_step(model, rows: torch.Tensor, args) -> Callable[[], float]:
+    """HF's training step with the same targets, clipping and optimizer builder."""
+    tc = TrainConfig()
+    opt = build_optimizer(model, tc, fused=OPTIMIZERS[args.optimizer])
+    inputs, targets = rows[:, :-1], rows[:, 1:].contiguous()
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step() -> float:
+        # `shift_labels` given: HF's loss takes the targets as aligned, as ours does.
+        out = model(input_ids=inputs, labels=targets, shift_labels=targets)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return out.loss.item()
+
+    return step
+
+
+def make_step(side: str, cfg: ModelConfig, rows: torch.Tensor, args) -> Callable[[], float]:
+    if side == "ours":
+        return ours_step(build_ours(cfg, args), rows, args)
+    return hf_step(build_hf(cfg, side.removeprefix("hf_"), args), rows, args)
 
 
 def sync(device: str) -> None:
@@ -230,36 +292,36 @@ def rss_bytes(field: str) -> int:
 
 
 def run_worker(args: argparse.Namespace) -> None:
-    """Fresh process: build one side, run warmup + 2 steps, report peak RSS growth."""
-    if args.worker.startswith("hf_"):
+    """Fresh process: build one side of one config, run 3 steps, report peak RSS growth."""
+    name, side = args.worker.split(":", 1)
+    if side.startswith("hf_"):
         import transformers  # noqa: F401  (its import cost belongs to the baseline)
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = build_config(args)
-    ids = make_batch(cfg, args)
+    cfg = build_configs(args)[name]
+    rows = make_rows(cfg, args)
     baseline = rss_bytes("VmRSS")
-    if args.worker == "ours":
-        step = make_step(build_ours(cfg, args), ids, args.optimizer)
-    else:
-        step = make_step(build_hf(cfg, args.worker.removeprefix("hf_"), args), ids, args.optimizer)
+    step = make_step(side, cfg, rows, args)
     for _ in range(3):
         step()
     peak = rss_bytes("VmHWM")
     print(json.dumps({"peak_mem_mb": round((peak - baseline) / 2**20, 1)}))
 
 
-def cpu_peak_memory(side: str, argv: list[str]) -> float:
-    cmd = [sys.executable, __file__, *argv, "--worker", side]
+def cpu_peak_memory(name: str, side: str, argv: list[str]) -> float:
+    cmd = [sys.executable, __file__, *argv, "--worker", f"{name}:{side}"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_mem_mb"]
 
 
-def make_batch(cfg: ModelConfig, args: argparse.Namespace) -> torch.Tensor:
+def make_rows(cfg: ModelConfig, args: argparse.Namespace) -> torch.Tensor:
+    """Rows of seq + 1 tokens, as the dataset's shards hold them."""
     g = torch.Generator().manual_seed(args.seed + 1)
-    return torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=g).to(args.device)
+    shape = (args.batch, args.seq + 1)
+    return torch.randint(0, cfg.vocab_size, shape, generator=g).to(args.device)
 
 
-def summarize(name: str, record: dict, tokens: int, flops_per_token: float, peak: float) -> dict:
+def summarize(record: dict, tokens: int, flops_per_token: float, peak: float) -> dict:
     ts = record["step_s"]
     median = statistics.median(ts)
     tokens_per_s = tokens / median
@@ -273,6 +335,61 @@ def summarize(name: str, record: dict, tokens: int, flops_per_token: float, peak
     }
 
 
+def measure_config(name: str, cfg: ModelConfig, args, argv: list[str]) -> dict:
+    rows = make_rows(cfg, args)
+    sides = ["ours"] + [f"hf_{impl}" for impl in args.hf_impls]
+    memory: dict[str, float] = {}
+    if args.device == "cuda":
+        results = {}
+        for side in sides:
+            results.update(_measure_cuda_side(side, cfg, rows, args))
+            memory[side] = results[side].pop("peak_mem_mb")
+    else:
+        steps = {side: make_step(side, cfg, rows, args) for side in sides}
+        results = time_interleaved(steps, args)
+        del steps
+        if not args.no_memory:
+            memory = {side: cpu_peak_memory(name, side, argv) for side in sides}
+    return {"config": cfg.to_dict(), "results": results, "memory": memory}
+
+
+def compare(record: dict, tokens: int, peak: float, seq: int) -> dict:
+    """Per-side summaries and ours against the fastest HF implementation."""
+    cfg = ModelConfig.from_dict(record["config"])
+    fpt = cfg.flops_per_token(seq)
+    results = {
+        side: summarize(r, tokens, fpt, peak)
+        | ({"peak_mem_mb": record["memory"][side]} if side in record["memory"] else {})
+        for side, r in record["results"].items()
+    }
+    out = {
+        "config": record["config"],
+        "params": cfg.num_params(),
+        "active_params": cfg.num_active_params(),
+        "flops_per_token": fpt,
+        "results": results,
+    }
+    hf_sides = [s for s in results if s != "ours"]
+    if not hf_sides:
+        return out
+    best_side = max(hf_sides, key=lambda s: results[s]["tokens_per_s"])
+    ours, best = results["ours"], results[best_side]
+    out["hf_best"] = best_side
+    out["speedup_vs_hf_best"] = round(ours["tokens_per_s"] / best["tokens_per_s"], 3)
+    out["speedup_vs_hf_best_min_step"] = round(best["step_s_min"] / ours["step_s_min"], 3)
+    # Steps are interleaved, so round i of each side saw the same machine state: the
+    # median of per-round ratios is robust to a shared machine's drift between rounds.
+    paired = [b / a for a, b in zip(ours["step_s"], best["step_s"], strict=True)]
+    out["speedup_vs_hf_best_paired_median"] = round(statistics.median(paired), 3)
+    if "peak_mem_mb" in ours and "peak_mem_mb" in best:
+        out["memory_ratio_vs_hf_best"] = round(ours["peak_mem_mb"] / best["peak_mem_mb"], 3)
+    return out
+
+
+def geomean(values: list[float]) -> float:
+    return round(math.exp(statistics.fmean(math.log(v) for v in values)), 3)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
@@ -282,34 +399,14 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     import transformers
 
-    cfg = build_config(args)
+    configs = build_configs(args)
     dtype = DTYPES[args.dtype]
-    ids = make_batch(cfg, args)
-    tokens = args.batch * args.seq
     peak = matmul_peak_flops(args.device, dtype)
-    sides = ["ours"] + [f"hf_{impl}" for impl in args.hf_impls]
-    results: dict[str, dict] = {}
-    memory: dict[str, float] = {}
-    if args.device == "cuda":
-        for side in sides:
-            results.update(_measure_cuda_side(side, cfg, ids, args))
-            memory[side] = results[side].pop("peak_mem_mb")
-    else:
-        steps = {"ours": make_step(build_ours(cfg, args), ids, args.optimizer)}
-        for impl in args.hf_impls:
-            steps[f"hf_{impl}"] = make_step(build_hf(cfg, impl, args), ids, args.optimizer)
-        results = time_interleaved(steps, args)
-        del steps
-        if not args.no_memory:
-            memory = {side: cpu_peak_memory(side, argv) for side in sides}
+    records = {name: measure_config(name, cfg, args, argv) for name, cfg in configs.items()}
     # Measured again after the runs: on a shared machine the best of both is the honest ceiling.
     peak = max(peak, matmul_peak_flops(args.device, dtype))
-    fpt = cfg.flops_per_token(args.seq)
-    for side in sides:
-        results[side] = summarize(side, results[side], tokens, fpt, peak)
-        if side in memory:
-            results[side]["peak_mem_mb"] = memory[side]
-    hf_best = max(sides[1:], key=lambda s: results[s]["tokens_per_s"]) if sides[1:] else None
+    tokens = args.batch * args.seq
+    per_config = {name: compare(r, tokens, peak, args.seq) for name, r in records.items()}
     report = {
         "device": torch.cuda.get_device_name() if args.device == "cuda" else _cpu_name(),
         "threads": torch.get_num_threads(),
@@ -319,38 +416,30 @@ def main(argv: list[str] | None = None) -> None:
         "batch": args.batch,
         "seq": args.seq,
         "steps": args.steps,
+        "ours": "jobs.train.step.train_step (forward with targets, backward, clip, AdamW, "
+        "router-bias update)",
         "ours_backend": args.ours_backend,
-        "optimizer": f"AdamW ({args.optimizer})",
-        "config": cfg.to_dict(),
-        "params": cfg.num_params(),
-        "active_params": cfg.num_active_params(),
-        "flops_per_token": fpt,
+        "optimizer": f"AdamW ({args.optimizer}), jobs.train.optim.build_optimizer",
         "matmul_peak_tflops": round(peak / 1e12, 3),
-        "results": results,
-        "hf_best": hf_best,
+        "configs": per_config,
     }
-    if hf_best:
-        ours, best = results["ours"], results[hf_best]
-        report["speedup_vs_hf_best"] = round(ours["tokens_per_s"] / best["tokens_per_s"], 3)
-        report["speedup_vs_hf_best_min_step"] = round(best["step_s_min"] / ours["step_s_min"], 3)
-        # Steps are interleaved, so round i of each side saw the same machine state: the
-        # median of per-round ratios is robust to a shared machine's drift between rounds.
-        paired = [b / a for a, b in zip(ours["step_s"], best["step_s"], strict=True)]
-        report["speedup_vs_hf_best_paired_median"] = round(statistics.median(paired), 3)
-        if "peak_mem_mb" in ours and "peak_mem_mb" in best:
-            report["memory_ratio_vs_hf_best"] = round(ours["peak_mem_mb"] / best["peak_mem_mb"], 3)
+    compared = [c for c in per_config.values() if "hf_best" in c]
+    for key in ("speedup_vs_hf_best", "speedup_vs_hf_best_paired_median"):
+        if compared:
+            report[f"geomean_{key}"] = geomean([c[key] for c in compared])
+    if compared and all("memory_ratio_vs_hf_best" in c for c in compared):
+        report["max_memory_ratio_vs_hf_best"] = max(c["memory_ratio_vs_hf_best"] for c in compared)
     print(json.dumps(report, indent=2))
 
 
-def _measure_cuda_side(side: str, cfg: ModelConfig, ids: torch.Tensor, args) -> dict[str, dict]:
+def _measure_cuda_side(side: str, cfg: ModelConfig, rows: torch.Tensor, args) -> dict[str, dict]:
     """One side at a time on the GPU, freed before the next, so peaks do not mix."""
-    model = build_ours(cfg, args) if side == "ours" else build_hf(cfg, side[3:], args)
-    step = make_step(model, ids, args.optimizer)
+    step = make_step(side, cfg, rows, args)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     record = time_interleaved({side: step}, args)
     record[side]["peak_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    del model, step
+    del step
     torch.cuda.empty_cache()
     return record
 

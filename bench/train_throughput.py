@@ -1,8 +1,12 @@
 """Training throughput benchmark; prints one JSON object.
 
 The plain worker loop (``jobs.train.loop``, no Ray) on the current device:
-tokens/s, MFU and the fraction of step time spent waiting for data, measured
-over the steps after a warm-up. With ``--ray`` the same loop, data and config
+tokens/s, MFU, the fraction of step time spent waiting for data (measured
+over the steps after a warm-up) and the run's peak memory (CUDA: the
+allocator's peak; CPU: peak RSS growth over the run). On CUDA it also
+measures one micro batch's forward + backward through the fused LM head +
+cross-entropy the trainer runs against materialising the [B, T, V] logits and
+calling ``F.cross_entropy`` (the trainer's path before): the memory avoided. With ``--ray`` the same loop, data and config
 also run as a 1-worker Ray Train job in this process, and the JSON gives the
 ratio of the two throughputs (Ray Train's overhead per step).
 
@@ -19,11 +23,13 @@ trainer reads them through the sampler with background prefetch.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -126,6 +132,34 @@ def best_of(runs: list[dict[str, float]]) -> dict:
     return {**best, "tokens_per_s_repeats": [r["tokens_per_s"] for r in runs]}
 
 
+def _rss_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+@contextlib.contextmanager
+def peak_memory() -> Iterator[dict[str, float]]:
+    """``{"peak_mem_mb": ...}`` of the block: CUDA's allocator peak above the memory allocated
+    at its start; on CPU the peak RSS (VmHWM, reset through /proc/self/clear_refs) above the
+    RSS at its start (which counts the scratch pool's and the allocator's cached memory)."""
+    out: dict[str, float] = {}
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        yield out
+        torch.cuda.synchronize()
+        out["peak_mem_mb"] = round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
+        return
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak RSS to the current
+    base = _rss_kb("VmRSS")
+    yield out
+    out["peak_mem_mb"] = round((_rss_kb("VmHWM") - base) / 1024, 1)
+
+
 def run_plain(args, dataset: str) -> dict:
     from jobs.train import loop
     from jobs.train.env import LocalEnv
@@ -133,9 +167,49 @@ def run_plain(args, dataset: str) -> dict:
     runs = []
     for _ in range(args.repeats):
         recorder = Recorder()
-        loop.run(root_config(args), dataset, LocalEnv(None), tracking=recorder)
-        runs.append(summarize(recorder.logs, args.warmup))
+        with peak_memory() as mem:
+            loop.run(root_config(args), dataset, LocalEnv(None), tracking=recorder)
+        runs.append({**summarize(recorder.logs, args.warmup), **mem})
     return best_of(runs)
+
+
+def logits_memory(args) -> dict[str, float]:
+    """Peak memory of one micro batch's forward + backward (CUDA), the trainer's fused head +
+    loss against the materialised path: [B, T, V] logits, their fp32 copy, F.cross_entropy."""
+    import torch.nn.functional as F
+
+    from moe_model import MoETransformer
+    from moe_model.loss import total_loss
+
+    cfg = root_config(args).model.build()
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = MoETransformer(cfg)
+    if args.precision == "bf16" or args.precision == "auto":
+        model = model.to(torch.bfloat16)
+    rows = torch.randint(0, cfg.vocab_size, (args.micro_batch, args.seq_len + 1), device="cuda")
+    inputs, targets = rows[:, :-1], rows[:, 1:]
+
+    def fused() -> None:
+        model(inputs, targets=targets).loss.backward()
+
+    def materialised() -> None:
+        out = model(inputs)
+        ce = F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten())
+        total_loss(ce, out.aux_loss, out.z_loss, cfg.aux_loss_coef, cfg.z_loss_coef).backward()
+
+    peaks = {}
+    for name, fn in (("fused", fused), ("materialised", materialised)):
+        fn()  # warm-up: gradients exist from here on, so both peaks count them alike
+        torch.cuda.empty_cache()
+        with peak_memory() as mem:
+            fn()
+        peaks[name] = mem["peak_mem_mb"]
+    return {
+        "micro_batch_peak_mb_fused": peaks["fused"],
+        "micro_batch_peak_mb_materialised_logits": peaks["materialised"],
+        "logits_memory_avoided_mb": round(peaks["materialised"] - peaks["fused"], 1),
+    }
 
 
 def ray_train_fn(config: dict) -> list:
@@ -215,6 +289,8 @@ def main() -> None:
         "prepare_s": round(time.perf_counter() - start, 2),
         "plain": run_plain(args, dataset),
     }
+    if torch.cuda.is_available():
+        out["logits_memory"] = logits_memory(args)
     if args.ray:
         out["ray_1_worker"] = run_ray(args, dataset, work)
         out["ray_vs_plain_tokens_per_s"] = round(

@@ -23,7 +23,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         dtype = x_BTD.dtype
-        if dtype == torch.float32 and x_BTD.device.type == "cpu" and _FUSED_RMS_NORM:
+        if dtype == torch.float32 and eager_cpu(x_BTD) and _FUSED_RMS_NORM:
             return _RMSNormCPU.apply(x_BTD, self.weight, self.eps)
         if dtype == torch.float32:
             # One fused kernel instead of six; same math when nothing needs casting.
@@ -34,6 +34,12 @@ class RMSNorm(nn.Module):
 
 
 _FUSED_RMS_NORM = getattr(torch.ops.aten, "_fused_rms_norm", None)
+
+
+def eager_cpu(x: torch.Tensor) -> bool:
+    """Whether the CPU-only autograd Functions below run: on CPU, outside torch.compile. A
+    compiled graph takes the portable ops, the path GPUs run, which the compiler fuses."""
+    return x.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 class _RMSNormCPU(torch.autograd.Function):
@@ -214,7 +220,7 @@ class Attention(nn.Module):
         w_qkv = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
         qkv_BTGDh = F.linear(x_BTD, w_qkv).view(B, T, H + 2 * Hkv, self.head_dim)
         cos_TDh, sin_TDh = rope(start, T, x_BTD.dtype)
-        if qkv_BTGDh.device.type == "cpu":
+        if eager_cpu(qkv_BTGDh):
             q_BHTDh, k_BHkvTDh, v_BHkvTDh = _SplitRopeCPU.apply(qkv_BTGDh, cos_TDh, sin_TDh, H)
         else:  # on a GPU torch.compile fuses these; eager it is a few small kernels
             qk_BTGDh = apply_rope(qkv_BTGDh[:, :, : H + Hkv], cos_TDh[:, None], sin_TDh[:, None])

@@ -1,14 +1,20 @@
-"""Next-token cross-entropy fused with the LM head, computed over row blocks and chunks.
+"""Next-token cross-entropy fused with the LM head, and the training objective built on it.
 
 Legend: N tokens (B*T), D hidden, V vocab, R rows per GEMM block, C rows per softmax chunk.
 
-The logits are still returned (callers and HF parity need them). Each GEMM covers a block
-of rows (all of them on CPU); the softmax statistics are then taken chunk by chunk while a
-chunk is in cache, and the backward rebuilds softmax - onehot from the stored logits into
-one block-sized gradient buffer that feeds the two GEMMs. No [N, V] log-softmax or one-hot
-is ever allocated, and on a GPU the gradient buffer is one block, not [N, V]: this saves
-[N, V] passes through memory and buffers versus log_softmax + nll_loss (the same idea as
-Liger-Kernel's fused linear cross-entropy, arXiv:2410.10989).
+Two conventions, one kernel family:
+- `targets` aligned with the inputs (position t predicts targets[t]; what rows of
+  `seq_len + 1` give as `row[:-1]`, `row[1:]`): `head_loss`, the training path. No logits
+  leave it: on a GPU only one block of [R, V] logits exists at a time.
+- HF `labels` (position t predicts labels[t + 1]): `head_and_loss`, which also returns the
+  logits, for callers and HF parity.
+
+Each GEMM covers a block of rows (all of them on CPU); the softmax statistics are then taken
+chunk by chunk while a chunk is in cache. No [N, V] log-softmax or one-hot is ever allocated
+(the same idea as Liger-Kernel's fused linear cross-entropy, arXiv:2410.10989). `head_loss`
+goes one step further, as Liger does: while a block's logits are in memory it also turns them
+into d loss / d logits and runs the two gradient GEMMs, so backward only scales the stored
+[N, D] and [V, D] gradients by the incoming scalar and no [N, V] buffer outlives the head.
 """
 
 from __future__ import annotations
@@ -21,15 +27,23 @@ from moe_model import scratch
 IGNORE_INDEX = -100
 # Row blocks for the two GEMMs. CPU: one block of all rows, since MKL re-packs the [V, D]
 # weight on every call (256-row blocks ran the logits GEMM ~1.4x slower on the benchmark
-# machine). GPU: blocks of ~512 MiB of fp32 logits bound the backward's [rows, V] buffer.
+# machine). GPU: blocks of ~512 MiB of fp32 logits bound the [rows, V] buffers.
 CPU_BLOCK_BYTES: int | None = None
 GPU_BLOCK_BYTES = 512 * 2**20
 # Softmax passes within a block on CPU: ~8 MiB of fp32 rows stays in L2/L3.
 CHUNK_BYTES = 8 * 2**20
 
 
+def total_loss(
+    ce: torch.Tensor, aux: torch.Tensor, z: torch.Tensor, aux_coef: float, z_coef: float
+) -> torch.Tensor:
+    """The training objective: cross-entropy + aux_coef * Switch load-balancing loss (Fedus et
+    al. 2021, eq. 4) + z_coef * ST-MoE router z-loss (Zoph et al. 2022, eq. 5)."""
+    return ce + aux_coef * aux + z_coef * z
+
+
 def shift_labels(labels_BT: torch.Tensor) -> torch.Tensor:
-    """HF convention: position t predicts labels[t + 1]; the last position predicts nothing."""
+    """HF convention -> aligned targets: position t predicts labels[t + 1], the last nothing."""
     return F.pad(labels_BT[:, 1:], (0, 1), value=IGNORE_INDEX)
 
 
@@ -40,12 +54,23 @@ def causal_lm_loss(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.T
     return F.cross_entropy(logits_BTV.reshape(-1, V).float(), targets_N, ignore_index=IGNORE_INDEX)
 
 
+def head_loss(
+    h_BTD: torch.Tensor, weight_VD: torch.Tensor, targets_BT: torch.Tensor
+) -> torch.Tensor:
+    """Mean cross-entropy of logits h @ weight.T against aligned targets, -100 ignored."""
+    D = h_BTD.shape[-1]
+    x_ND, targets_N = h_BTD.reshape(-1, D), targets_BT.reshape(-1).long()
+    if torch.is_grad_enabled() and (h_BTD.requires_grad or weight_VD.requires_grad):
+        return _HeadLossAndGrads.apply(x_ND, weight_VD, targets_N)
+    return _loss_and_grads(x_ND, weight_VD, targets_N, with_grads=False)[0]
+
+
 def head_and_loss(
     h_BTD: torch.Tensor, weight_VD: torch.Tensor, labels_BT: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits [B, T, V], mean next-token cross-entropy) with -100 labels ignored."""
+    """(logits [B, T, V], mean next-token cross-entropy) with HF-convention labels, -100 ignored."""
     B, T, D = h_BTD.shape
-    targets_N = shift_labels(labels_BT).reshape(-1)
+    targets_N = shift_labels(labels_BT).reshape(-1).long()
     loss, logits_NV = _HeadCrossEntropy.apply(h_BTD.reshape(-1, D), weight_VD, targets_N)
     return logits_NV.view(B, T, -1), loss
 
@@ -74,7 +99,78 @@ def _workspace(n: int, vocab: int, like: torch.Tensor) -> torch.Tensor:
     return scratch.empty((rows, vocab), like, dtype=torch.float32)
 
 
+def _loss_and_grads(x_ND, weight_VD, targets_N, with_grads: bool):
+    """(mean loss, d loss/d x [N, D], d loss/d weight [V, D] in fp32), the gradients None
+    without `with_grads`. Per chunk of logits z with lse = logsumexp(z) and s = 1/count on
+    valid rows, 0 on ignored ones:
+      loss_n = lse_n - z_n[y_n]
+      d loss / d z_n = s_n * (softmax(z_n) - onehot(y_n)) = exp(z_n - lse_n + log s_n) - s_n onehot
+    written over the logits in place (log 0 = -inf zeroes ignored rows)."""
+    N, V = x_ND.shape[0], weight_VD.shape[0]
+    fp32 = x_ND.dtype == torch.float32
+    valid_N = targets_N != IGNORE_INDEX
+    safe_targets_N = torch.where(valid_N, targets_N, 0)
+    count = valid_N.sum()
+    scale_N = valid_N.float() / count
+    log_scale_N = scale_N.log()
+    loss_N = torch.empty(N, dtype=torch.float32, device=x_ND.device)
+    blocks = list(_blocks(N, V, x_ND.device))
+    z_BV = scratch.empty((blocks[0][0].stop, V), x_ND)
+    work_CV = None if fp32 else _workspace(N, V, x_ND)
+    grad_x_ND = torch.empty_like(x_ND) if with_grads else None
+    grad_w_VD = scratch.empty(weight_VD.shape, x_ND, dtype=torch.float32) if with_grads else None
+    for i, (block, chunks) in enumerate(blocks):
+        z_RV = z_BV[: block.stop - block.start]
+        torch.mm(x_ND[block], weight_VD.t(), out=z_RV)
+        for rows in chunks:
+            local = slice(rows.start - block.start, rows.stop - block.start)
+            z_CV = z_RV[local] if fp32 else work_CV[: rows.stop - rows.start].copy_(z_RV[local])
+            lse_C = torch.logsumexp(z_CV, -1)
+            target_C1 = safe_targets_N[rows, None]
+            loss_N[rows] = lse_C - z_CV.gather(1, target_C1).squeeze(1)
+            if with_grads:
+                z_CV.sub_((lse_C - log_scale_N[rows]).unsqueeze(1)).exp_()
+                z_CV.scatter_add_(1, target_C1, -scale_N[rows, None])
+                if not fp32:
+                    z_RV[local] = z_CV
+        if with_grads:
+            torch.mm(z_RV, weight_VD, out=grad_x_ND[block])
+            if fp32:
+                grad_w_VD.addmm_(z_RV.t(), x_ND[block], beta=float(i > 0))
+            elif i:  # bf16 GEMM per block, the blocks summed in fp32
+                grad_w_VD.add_(torch.mm(z_RV.t(), x_ND[block]))
+            else:
+                grad_w_VD.copy_(torch.mm(z_RV.t(), x_ND[block]))
+    loss = torch.where(valid_N, loss_N, 0.0).sum() / count
+    return loss, grad_x_ND, grad_w_VD
+
+
+class _HeadLossAndGrads(torch.autograd.Function):
+    """Loss forward; the gradients are computed there too (`_loss_and_grads`), so backward is
+    two scalings by d total / d loss (exact when that is 1)."""
+
+    @staticmethod
+    def forward(ctx, x_ND, weight_VD, targets_N):
+        loss, grad_x_ND, grad_w_VD = _loss_and_grads(x_ND, weight_VD, targets_N, with_grads=True)
+        ctx.save_for_backward(grad_x_ND, grad_w_VD)
+        ctx.weight_dtype = weight_VD.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x_ND, grad_w_VD = ctx.saved_tensors
+        # New buffers, not in place: a retained graph may run backward again.
+        out_x_ND = torch.mul(
+            grad_x_ND, grad_loss.to(grad_x_ND.dtype), out=scratch.empty(grad_x_ND.shape, grad_x_ND)
+        )
+        out_w_VD = torch.mul(grad_w_VD, grad_loss, out=scratch.empty(grad_w_VD.shape, grad_w_VD))
+        return out_x_ND, out_w_VD.to(ctx.weight_dtype), None
+
+
 class _HeadCrossEntropy(torch.autograd.Function):
+    """The HF-convention path, which returns logits: they are kept for backward, which rebuilds
+    softmax - onehot from them (and adds any gradient that reached the returned logits)."""
+
     @staticmethod
     def forward(ctx, x_ND, weight_VD, targets_N):
         N, V = x_ND.shape[0], weight_VD.shape[0]

@@ -14,15 +14,15 @@ from torch import nn
 
 from moe_model.config import ModelConfig
 from moe_model.layers import Attention, KVCache, RMSNorm, RotaryEmbedding
-from moe_model.loss import head_and_loss
+from moe_model.loss import head_and_loss, head_loss, total_loss
 from moe_model.moe import MoE
 from moe_model.routing_stats import RoutingStats
 
 
 @dataclass
 class MoEOutput:
-    logits: torch.Tensor  # [B, T, V]
-    loss: torch.Tensor | None  # ce + aux_loss_coef * aux + z_loss_coef * z, when labels are given
+    logits: torch.Tensor | None  # [B, T, V]; None with `targets` (never materialised whole)
+    loss: torch.Tensor | None  # `loss.total_loss`, when labels or targets are given
     ce_loss: torch.Tensor | None
     aux_loss: torch.Tensor  # Switch load-balancing loss, mean over layers
     z_loss: torch.Tensor  # router z-loss, mean over layers
@@ -87,12 +87,25 @@ class MoETransformer(nn.Module):
         self,
         input_ids: torch.Tensor,
         labels: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
         kv_caches: list[KVCache] | None = None,
     ) -> MoEOutput:
+        """`targets` [B, T] are aligned with `input_ids` (position t predicts targets[t]; for
+        rows of seq_len + 1 tokens: `model(row[:, :-1], targets=row[:, 1:])`), the training
+        path: the LM head runs fused with the loss and no logits are returned. `labels` follow
+        HF (position t predicts labels[t + 1]) and the logits are returned. -100 is ignored."""
         if input_ids.dim() != 2:
             raise ValueError(
                 f"input_ids: expected shape [batch, seq], got {tuple(input_ids.shape)}"
             )
+        if labels is not None and targets is not None:
+            raise ValueError("targets: pass either labels (HF-shifted) or targets, not both")
+        for name, t in (("labels", labels), ("targets", targets)):
+            if t is not None and t.shape != input_ids.shape:
+                raise ValueError(
+                    f"{name}: expected shape {tuple(input_ids.shape)} (as input_ids), "
+                    f"got {tuple(t.shape)}"
+                )
         x_BTD = self.embed(input_ids)
         routing, aux_losses, z_losses = [], [], []
         for i, block in enumerate(self.layers):
@@ -102,17 +115,19 @@ class MoETransformer(nn.Module):
             aux_losses.append(aux)
             z_losses.append(z)
         h_BTD = self.norm(x_BTD)
-        ce_loss = None
-        if labels is None:
-            logits_BTV = self.lm_head(h_BTD)
-        else:
+        logits_BTV, ce_loss = None, None
+        if targets is not None:
+            ce_loss = head_loss(h_BTD, self.lm_head.weight, targets)
+        elif labels is not None:
             logits_BTV, ce_loss = head_and_loss(h_BTD, self.lm_head.weight, labels)
+        else:
+            logits_BTV = self.lm_head(h_BTD)
         aux_loss = torch.stack(aux_losses).mean()
         z_loss = torch.stack(z_losses).mean()
         loss = None
         if ce_loss is not None:
             cfg = self.config
-            loss = ce_loss + cfg.aux_loss_coef * aux_loss + cfg.z_loss_coef * z_loss
+            loss = total_loss(ce_loss, aux_loss, z_loss, cfg.aux_loss_coef, cfg.z_loss_coef)
         return MoEOutput(logits_BTV, loss, ce_loss, aux_loss, z_loss, routing)
 
     def new_kv_caches(self, batch: int, max_len: int) -> list[KVCache]:

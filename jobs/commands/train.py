@@ -90,7 +90,7 @@ def train(
     m = result.metrics
     typer.echo(f"run {result.run_name}: {result.steps} steps, mlflow run {result.mlflow_run_id}")
     if "val/loss" in m:
-        typer.echo(f"  val/loss {m['val/loss']:.4f}  val/ppl {m['val/ppl']:.2f}")
+        typer.echo(f"  val/loss {m['val/loss']:.4f}  val/perplexity {m['val/perplexity']:.2f}")
     typer.echo(result.checkpoint_uri)
 
 

@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from jobs.service.config import EvaluateConfig
+from jobs.train.step import perplexity
 from pipeline.config import PrepareConfig
 
 
@@ -96,20 +95,18 @@ def loss_on(model, rows: np.ndarray, batch_size: int) -> tuple[dict[str, float],
     total, count, per_layer = 0.0, 0, None
     for start in range(0, len(rows), batch_size):
         batch = torch.from_numpy(rows[start : start + batch_size])
-        out = model(batch[:, :-1])
-        logits = out.logits.float()
-        total += F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
-        ).item()
-        count += batch[:, 1:].numel()
+        targets = batch[:, 1:]
+        # The model's own fused head + loss (as training): a mean over the batch's targets,
+        # weighted back to a sum so batches of any size count per token.
+        out = model(batch[:, :-1], targets=targets)
+        total += out.ce_loss.double().item() * targets.numel()
+        count += targets.numel()
         counts = [r.tokens_per_expert.double() for r in out.routing]
         per_layer = (
             counts if per_layer is None else [a + b for a, b in zip(per_layer, counts, strict=True)]
         )
     loss = total / count
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": float(count)}, (
-        per_layer or []
-    )
+    return {"loss": loss, "perplexity": perplexity(loss), "tokens": float(count)}, (per_layer or [])
 
 
 def expert_load(per_layer: list[torch.Tensor]) -> list[dict[str, Any]]:

@@ -41,7 +41,7 @@ from jobs.train.perf import Meter, peak_flops
 from jobs.train.sampler import Sampler
 from jobs.train.samples import generate_samples
 from jobs.train.schedule import lr_at
-from jobs.train.step import Trainee, evaluate, train_step
+from jobs.train.step import Trainee, evaluate, perplexity, train_step
 from moe_model import ModelConfig, MoETransformer
 
 log = logging.getLogger("jobs.train")
@@ -193,7 +193,7 @@ class Loop:
         if "val/loss" not in self.final and self.val:
             # Nothing left to train (a finished run started again): still report the model.
             val_loss = evaluate(self.s.trainee, self.val)
-            self.final.update({"val/loss": val_loss, "val/ppl": math.exp(min(val_loss, 50.0))})
+            self.final.update({"val/loss": val_loss, "val/perplexity": perplexity(val_loss)})
         self.final["check/param_rank_spread"] = self.param_rank_spread()
         if self.last_checkpoint:
             self.tracker.set_tags({"checkpoint_uri": self.last_checkpoint})
@@ -280,7 +280,7 @@ class Loop:
     def eval_and_samples(self, step: int) -> None:
         if self.val:
             val_loss = evaluate(self.s.trainee, self.val)
-            val = {"val/loss": val_loss, "val/ppl": math.exp(min(val_loss, 50.0))}
+            val = {"val/loss": val_loss, "val/perplexity": perplexity(val_loss)}
             self.tracker.log(val, step)
             self.final.update(val)
         samples = generate_samples(self.s.trainee, self.s.reader, self.cfg, self.artifact_dir, step)

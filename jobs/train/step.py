@@ -1,9 +1,10 @@
 """One optimizer step: micro-batch forward/backward, one stats all-reduce, skip or update.
 
-Loss = cross-entropy + aux_loss_coef * Switch load-balancing loss + z_loss_coef
-* ST-MoE router z-loss (the coefficients come from ``ModelConfig``). Rows hold
-``seq_len + 1`` tokens: inputs are ``row[:-1]``, targets ``row[1:]``, so no
-token of a packed row is wasted on the shift.
+The loss is the model's own (``model(inputs, targets=...)``: the LM head fused with the
+cross-entropy, plus the weighted router losses, ``moe_model.loss.total_loss``), so what the
+trainer optimises is what the benchmark and evaluation measure. Rows hold ``seq_len + 1``
+tokens: inputs are ``row[:-1]``, targets ``row[1:]``, so no token of a packed row is wasted
+on the shift.
 
 A step whose loss (on any rank) or global gradient norm is not finite is
 skipped on every rank: the decision uses all-reduced numbers, so all ranks
@@ -17,7 +18,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from jobs.train.distributed import all_reduce_sum, grad_sync, world_size
@@ -53,12 +53,8 @@ def forward_loss(
     tr: Trainee, batch_BR: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list]:
     """(loss, ce, aux, z, routing) of one micro batch of rows of length seq_len + 1."""
-    cfg = tr.raw.config
-    out = tr.module(batch_BR[:, :-1])
-    logits_BTV = out.logits
-    ce = F.cross_entropy(logits_BTV.flatten(0, 1).float(), batch_BR[:, 1:].flatten())
-    loss = ce + cfg.aux_loss_coef * out.aux_loss + cfg.z_loss_coef * out.z_loss
-    return loss, ce, out.aux_loss, out.z_loss, out.routing
+    out = tr.module(batch_BR[:, :-1], targets=batch_BR[:, 1:])
+    return out.loss, out.ce_loss, out.aux_loss, out.z_loss, out.routing
 
 
 def train_step(
@@ -128,6 +124,12 @@ def _forget_router_counts(model: MoETransformer) -> None:
     """A skipped step must not steer aux-loss-free balancing either."""
     for block in model.layers:
         block.moe.router.pending_counts_E.zero_()
+
+
+def perplexity(ce_loss: float) -> float:
+    """exp(mean cross-entropy), logged as `val/perplexity` by training and `moe-pretrain
+    evaluate` alike (capped at exp(50) so an untrained model does not overflow)."""
+    return math.exp(min(ce_loss, 50.0))
 
 
 @torch.no_grad()

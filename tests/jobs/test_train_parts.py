@@ -136,6 +136,28 @@ def test_a_poisoned_step_is_skipped_with_parameters_and_optimizer_unchanged():
     assert not again.skipped and math.isfinite(again.grad_norm)
 
 
+def test_train_step_optimises_the_models_own_loss_bit_for_bit():
+    """The trainer's step and `model(inputs, targets=...)` are one loss path: the same loss
+    and, at the optimizer (clipping at an infinite norm scales by exactly 1), the same grads."""
+    tr, batch = _trainee(0), _batches(1, seed=4)[0]
+    seen: dict[int, torch.Tensor] = {}
+
+    def keep_grads(opt, args, kwargs):
+        for group in opt.param_groups:
+            seen.update({id(p): p.grad.clone() for p in group["params"] if p.grad is not None})
+
+    tr.optimizer.register_step_pre_hook(keep_grads)
+    result = train_step(tr, [batch], lr=1e-3, grad_clip=0.0, poison=False)
+    reference = _trainee(0).raw
+    out = reference(batch[:, :-1], targets=batch[:, 1:])
+    out.loss.backward()
+    assert out.logits is None
+    assert result.loss == out.loss.item() and result.ce_loss == out.ce_loss.item()
+    pairs = zip(tr.raw.named_parameters(), reference.parameters(), strict=True)
+    for (name, trained), ref in pairs:
+        assert torch.equal(seen[id(trained)], ref.grad), name
+
+
 def test_checkpoint_round_trip_is_exact_and_holds_no_pickles(tmp_path):
     tr = _trainee(0)
     train_step(tr, _batches(seed=1), lr=1e-3, grad_clip=1.0, poison=False)

@@ -103,7 +103,7 @@ def test_local_loop_learns_and_resumes_exactly(dataset, tmp_path):
     assert result["steps"] == STEPS and result["skipped_steps"] == 1
     assert math.isnan(full[8]) and len(full) == STEPS
     assert full[STEPS] < full[1] - 1.0
-    assert result["metrics"]["val/loss"] < 5.5 and "val/ppl" in result["metrics"]
+    assert result["metrics"]["val/loss"] < 5.5 and "val/perplexity" in result["metrics"]
 
     shutil.copytree(tmp_path / "a" / "checkpoint_00000009", tmp_path / "b" / "checkpoint_00000009")
     resumed, tail = local_losses(cfg, dataset, tmp_path / "b")
@@ -208,7 +208,7 @@ def test_killed_worker_resumes_and_everything_reaches_mlflow(run_a, mlflow_serve
     expected = {
         "train/loss", "train/ce_loss", "train/aux_loss", "train/z_loss", "train/lr",
         "train/grad_norm", "perf/tokens_per_s", "perf/mfu", "perf/step_time_s",
-        "perf/data_wait_frac", "val/loss", "val/ppl",
+        "perf/data_wait_frac", "val/loss", "val/perplexity",
     }  # fmt: skip
     for layer in ("00", "01"):
         for name in ("load_imbalance", "router_entropy", "dead_experts"):

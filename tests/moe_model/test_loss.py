@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from moe_model import hugepages, scratch
 from moe_model import loss as loss_mod
-from moe_model.loss import causal_lm_loss, head_and_loss
+from moe_model.loss import causal_lm_loss, head_and_loss, head_loss, shift_labels
 
 
 @pytest.fixture(params=[(None, 10**9), (None, 40 * 4 * 37), (80 * 4 * 37, 40 * 4 * 37)])
@@ -95,4 +95,56 @@ def test_bf16_matches_fp32_reference_within_bf16_precision(chunk_bytes):
     ref_loss = causal_lm_loss(F.linear(h32, w32), labels)
     torch.testing.assert_close(loss, ref_loss, atol=2e-2, rtol=1e-2)
     for a, b in zip(grads, torch.autograd.grad(ref_loss, (h32, w32)), strict=True):
+        torch.testing.assert_close(a.float(), b, atol=2e-3, rtol=2e-2)
+
+
+def _aligned_reference(h, w, targets):
+    logits = F.linear(h, w)
+    V = logits.shape[-1]
+    return F.cross_entropy(logits.reshape(-1, V).float(), targets.reshape(-1), ignore_index=-100)
+
+
+def test_aligned_targets_loss_and_gradients_match_cross_entropy(chunk_bytes):
+    """`head_loss` takes targets aligned with the inputs (no shift), -100 masked."""
+    h, w, targets = _inputs(5)
+    targets[1, 20:] = -100  # padding at the end of a row
+    loss = head_loss(h, w, targets)
+    ref = _aligned_reference(h, w, targets)
+    torch.testing.assert_close(loss, ref)
+    grads = torch.autograd.grad(3.0 * loss, (h, w))
+    for a, b in zip(grads, torch.autograd.grad(3.0 * ref, (h, w)), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_aligned_targets_equal_shifted_labels():
+    """The two conventions are one loss: targets = labels shifted left, last position ignored."""
+    h, w, labels = _inputs(6)
+    _, from_labels = head_and_loss(h, w, labels)
+    torch.testing.assert_close(head_loss(h, w, shift_labels(labels)), from_labels)
+
+
+def test_aligned_loss_without_grad_is_the_same_number_and_backward_can_repeat():
+    h, w, targets = _inputs(7)
+    with torch.no_grad():
+        no_grad = head_loss(h, w, targets)
+    loss = head_loss(h, w, targets)
+    assert torch.equal(no_grad, loss.detach())
+    first = torch.autograd.grad(loss, (h, w), retain_graph=True)
+    again = torch.autograd.grad(loss, (h, w))
+    for a, b in zip(first, again, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_aligned_loss_bf16_within_bf16_precision(chunk_bytes):
+    h, w, targets = _inputs(8)
+    h16 = h.detach().bfloat16().requires_grad_()
+    w16 = w.detach().bfloat16().requires_grad_()
+    loss = head_loss(h16, w16, targets)
+    assert loss.dtype == torch.float32
+    grads = torch.autograd.grad(loss, (h16, w16))
+    assert [g.dtype for g in grads] == [torch.bfloat16, torch.bfloat16]
+    h32, w32 = h16.detach().float().requires_grad_(), w16.detach().float().requires_grad_()
+    ref = _aligned_reference(h32, w32, targets)
+    torch.testing.assert_close(loss, ref, atol=2e-2, rtol=1e-2)
+    for a, b in zip(grads, torch.autograd.grad(ref, (h32, w32)), strict=True):
         torch.testing.assert_close(a.float(), b, atol=2e-3, rtol=2e-2)

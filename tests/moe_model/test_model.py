@@ -2,6 +2,7 @@ import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from moe_model import ModelConfig, MoETransformer
 
@@ -136,3 +137,36 @@ def test_bfloat16_step_runs_and_stays_finite():
     assert out.logits.dtype == torch.bfloat16 and out.loss.dtype == torch.float32
     assert torch.isfinite(out.loss)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_aligned_targets_with_padding_match_cross_entropy_on_the_logits():
+    """`targets` are aligned with the inputs (rows of seq_len + 1: row[:-1] in, row[1:] out)."""
+    model = _model(seed=6)
+    rows = torch.randint(0, 512, (3, 13))
+    targets = rows[:, 1:].clone()
+    targets[2, 8:] = -100  # a padded row
+    out = model(rows[:, :-1], targets=targets)
+    assert out.logits is None
+    logits = model(rows[:, :-1]).logits
+    ref = F.cross_entropy(logits.reshape(-1, 512), targets.reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(out.ce_loss, ref)
+    # HF's shifted labels, padded: position t predicts labels[t + 1].
+    labels = rows[:, :-1].clone()
+    labels[1, 6:] = -100
+    by_labels = model(rows[:, :-1], labels=labels)
+    ref = F.cross_entropy(
+        logits[:, :-1].reshape(-1, 512), labels[:, 1:].reshape(-1), ignore_index=-100
+    )
+    torch.testing.assert_close(by_labels.ce_loss, ref)
+    torch.testing.assert_close(by_labels.logits, logits)
+
+
+def test_labels_and_targets_are_checked():
+    model = _model()
+    ids = torch.randint(0, 512, (2, 9))
+    with pytest.raises(ValueError, match="^targets: pass either"):
+        model(ids, labels=ids, targets=ids)
+    with pytest.raises(ValueError, match=r"^targets: expected shape \(2, 9\)"):
+        model(ids, targets=ids[:, 1:])
+    with pytest.raises(ValueError, match=r"^labels: expected shape \(2, 9\)"):
+        model(ids, labels=ids[:1])
