@@ -148,6 +148,18 @@ def _torch_value(name: str) -> bool:
     return name == "Size" or isinstance(value, (torch.dtype, torch.layout, torch.memory_format))
 
 
+_BARE_FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+def _check_storage_paths(metadata: Any, where: Any) -> None:
+    """Every data file ``.metadata`` names must be a bare file name in its own folder: DCP
+    joins ``relative_path`` onto the folder, so ``../x`` or ``/etc/x`` would be read too."""
+    for info in (getattr(metadata, "storage_data", None) or {}).values():
+        name = getattr(info, "relative_path", None)
+        if not isinstance(name, str) or not _BARE_FILE_NAME.fullmatch(name):
+            raise UnsafeLoadError(f"{where}: refusing data file {name!r} (not a bare file name)")
+
+
 def safe_dcp_reader(path: str | os.PathLike):
     """A DCP ``FileSystemReader`` for ``dcp.load(sd, storage_reader=...)`` that never runs
     pickled code: the ``.metadata`` file is unpickled with an allowlist of DCP's own classes
@@ -162,6 +174,7 @@ def safe_dcp_reader(path: str | os.PathLike):
                 metadata = _DcpMetadataUnpickler(f).load()
             if not isinstance(metadata, Metadata):
                 raise UnsafeLoadError(f"{where}: not DCP metadata ({type(metadata).__name__})")
+            _check_storage_paths(metadata, where)
             if getattr(metadata, "storage_meta", None) is None:
                 metadata.storage_meta = StorageMeta()
             metadata.storage_meta.load_id = self.load_id

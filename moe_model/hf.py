@@ -216,6 +216,9 @@ def _pop_experts(hub: dict[str, torch.Tensor], src: str, num_experts: int):
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     if (path / INDEX).is_file():
         files = sorted(set(json.loads((path / INDEX).read_text())["weight_map"].values()))
+        for name in files:  # the index may name files of this folder only
+            if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+                raise ValueError(f"{INDEX}: weight file {name!r} is not a file name in {path}")
     elif (path / WEIGHTS).is_file():
         files = [WEIGHTS]
     else:

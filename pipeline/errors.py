@@ -19,3 +19,7 @@ class ChecksumError(PipelineError):
 
 class StorageError(PipelineError):
     """A write to storage did not land as written (size or listing mismatch)."""
+
+
+class UnsafePathError(PipelineError):
+    """A path in a manifest leaves the dataset's own folder (absolute, ``..``, another bucket)."""

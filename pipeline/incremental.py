@@ -117,7 +117,7 @@ def base_tokenizer(base: Found, cfg: PrepareConfig) -> TokenizerBundle:
     from tokenizers import Tokenizer
 
     info = base.manifest["tokenizer"]
-    data = read_bytes(join(base.uri, info["file"]), cfg.s3)
+    data = read_bytes(resolve(base.uri, info["file"]), cfg.s3)
     if hashlib.sha256(data).hexdigest() != info["sha256"]:
         raise ChecksumError(f"{info['file']} of {base.uri}: sha256 does not match the manifest")
     text = data.decode("utf-8")

@@ -30,6 +30,7 @@ from pipeline.doc_hashes import FILE as DOC_HASHES
 from pipeline.doc_hashes import write_doc_hashes
 from pipeline.errors import StorageError
 from pipeline.fingerprint import fingerprint
+from pipeline.locks import storage_lock
 from pipeline.manifest import (
     FORMAT_VERSION,
     MANIFEST,
@@ -102,10 +103,13 @@ def prepare(
     the same stages in this process without Ray (tests, benchmarks). ``force`` rebuilds
     in full, in place, even when the dataset is committed or could extend an earlier one."""
     start = time.monotonic()
-    plan = _plan(cfg, root, force)
-    if plan.committed is not None:
-        return PrepareResult(plan.uri, plan.committed, True, time.monotonic() - start)
-    return _build(cfg, plan, executor, progress, start)
+    # Two prepares of one dataset name would delete each other's files (the tidy step
+    # removes what its own manifest does not list): the second waits, then is a cache hit.
+    with storage_lock(datasets_uri(root, cfg) + ".lock", cfg.s3):
+        plan = _plan(cfg, root, force)
+        if plan.committed is not None:
+            return PrepareResult(plan.uri, plan.committed, True, time.monotonic() - start)
+        return _build(cfg, plan, executor, progress, start)
 
 
 def _plan(cfg: PrepareConfig, root: str, force: bool) -> _Plan:

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from pipeline.config import S3Options
 from pipeline.errors import ChecksumError, PipelineError
 from pipeline.manifest import read_manifest
-from pipeline.storage import join, read_bytes, resolve
+from pipeline.storage import read_bytes, resolve
 
 
 class DatasetReader:
@@ -102,7 +102,7 @@ class DatasetReader:
         from tokenizers import Tokenizer
 
         info = self.manifest["tokenizer"]
-        data = read_bytes(join(self.uri, info["file"]), self.s3)
+        data = read_bytes(resolve(self.uri, info["file"]), self.s3)
         if hashlib.sha256(data).hexdigest() != info["sha256"]:
             raise ChecksumError(f"{info['file']} of {self.uri}: sha256 does not match the manifest")
         return Tokenizer.from_str(data.decode("utf-8"))

@@ -16,7 +16,7 @@ from typing import Any
 import fsspec
 
 from pipeline.config import S3Options
-from pipeline.errors import StorageError
+from pipeline.errors import StorageError, UnsafePathError
 
 
 def is_remote(uri: str) -> bool:
@@ -56,12 +56,31 @@ def join(uri: str, *parts: str) -> str:
 
 
 def resolve(dataset_uri: str, rel: str) -> str:
-    """A manifest path as a URI: relative to the dataset folder (``..`` allowed, which is how
-    an incremental dataset names the shards of its base), or already absolute."""
-    if "://" in rel or rel.startswith("/"):
-        return rel
-    scheme, sep, path = dataset_uri.rpartition("://")
-    return f"{scheme}{sep}{posixpath.normpath(posixpath.join(path, rel))}"
+    """A manifest path as a URI, confined to the dataset's own ``datasets/{name}/`` folder.
+
+    Paths are relative to the dataset folder; ``..`` may reach an earlier build of the
+    same name (how an incremental dataset names its base's shards), nothing further.
+    An absolute path, another scheme or bucket, or a symlink that leads out is refused.
+    """
+    bad = (
+        not isinstance(rel, str) or not rel or "://" in rel or rel.startswith(("/", "~"))
+        or "\\" in rel or "\x00" in rel
+    )  # fmt: skip
+    if bad:
+        raise UnsafePathError(f"manifest path {rel!r} of {dataset_uri}: must be relative")
+    scheme, sep, path = dataset_uri.rstrip("/").rpartition("://")
+    here = posixpath.normpath(path)
+    folder = posixpath.dirname(here) or here
+    target = posixpath.normpath(posixpath.join(here, rel))
+    inside = target.startswith(folder.rstrip("/") + "/")
+    if inside and not sep:  # local: a symlink must not lead out either
+        real = os.path.realpath(folder)
+        inside = os.path.realpath(target).startswith(real.rstrip("/") + "/")
+    if not inside:
+        raise UnsafePathError(
+            f"manifest path {rel!r} of {dataset_uri}: outside the dataset's folder {folder}"
+        )
+    return f"{scheme}{sep}{target}"
 
 
 def sha256_file(fs: fsspec.AbstractFileSystem, path: str, chunk: int = 1 << 22) -> str:

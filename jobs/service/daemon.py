@@ -1,9 +1,12 @@
 """The ``moe-pretrain scheduler`` daemon: APScheduler fed from the schedules table.
 
-The daemon is the only writer of APScheduler's job table: every
-``schedule.poll_seconds`` it brings the jobs in line with the ``schedules``
-table that the CLI edits (added, removed, paused, resumed) and asks Ray how
-the active runs are doing. ``stop`` (a ``threading.Event``) ends it cleanly;
+APScheduler keeps its jobs in memory (its SQLAlchemy job store would unpickle
+them from the file); every ``schedule.poll_seconds`` the daemon brings them in
+line with the ``schedules`` table that the CLI edits (added, removed, paused,
+resumed), records each job's next fire time in ``fire_times`` (also right after
+every fire), and asks Ray how the active runs are doing. A restarted daemon
+starts each job at its recorded time, so runs missed while it was down coalesce
+into one. ``stop`` (a ``threading.Event``) ends it cleanly;
 SIGTERM and Ctrl-C do too.
 """
 
@@ -11,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from datetime import timezone
+from datetime import datetime, timezone
 
 from jobs.service.config import ScheduleConfig
 from jobs.service.schedule_store import ScheduleStore
@@ -41,14 +44,26 @@ def stamped_executor(max_workers: int = 4):
 
 
 def build_scheduler(store: ScheduleStore):
-    from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
+    from apscheduler.events import EVENT_JOB_SUBMITTED
+    from apscheduler.jobstores.memory import MemoryJobStore
     from apscheduler.schedulers.background import BackgroundScheduler
 
-    return BackgroundScheduler(
-        jobstores={"default": SQLAlchemyJobStore(url=store.url)},
+    scheduler = BackgroundScheduler(
+        jobstores={"default": MemoryJobStore()},
         executors={"default": stamped_executor()},
         job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
         timezone=timezone.utc,
+    )
+    scheduler.add_listener(lambda _: save_fire_times(scheduler, store), EVENT_JOB_SUBMITTED)
+    return scheduler
+
+
+def save_fire_times(scheduler, store: ScheduleStore) -> None:
+    store.set_fire_times(
+        {
+            j.id: j.next_run_time.timestamp() if j.next_run_time is not None else None
+            for j in scheduler.get_jobs()
+        }
     )
 
 
@@ -56,15 +71,18 @@ def sync(scheduler, store: ScheduleStore) -> None:
     """Make APScheduler's jobs match the schedules table."""
     wanted = {s.name: s for s in store.list()}
     jobs = {j.id: j for j in scheduler.get_jobs()}
+    recorded = store.next_run_times() if not jobs else {}
     for name in jobs.keys() - wanted.keys():
         scheduler.remove_job(name)
         log.info("%s: removed", name)
     for name, sched in wanted.items():
         job = jobs.get(name)
         if job is None:
+            at = recorded.get(name)
+            when = {"next_run_time": datetime.fromtimestamp(at, timezone.utc)} if at else {}
             job = scheduler.add_job(
                 FIRE, make_trigger(sched.trigger), id=name, name=name,
-                args=[name, str(store.path)], replace_existing=True,
+                args=[name, str(store.path)], replace_existing=True, **when,
             )  # fmt: skip
             log.info("%s: added (%s)", name, sched.describe())
         elif str(job.trigger) != str(make_trigger(sched.trigger)):
@@ -76,6 +94,7 @@ def sync(scheduler, store: ScheduleStore) -> None:
         elif not sched.paused and job.next_run_time is None:
             job.resume()
             log.info("%s: resumed", name)
+    save_fire_times(scheduler, store)
 
 
 def run_daemon(cfg: ScheduleConfig, stop: threading.Event | None = None) -> None:

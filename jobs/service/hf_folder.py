@@ -9,6 +9,7 @@ Nothing in the folder is a pickle.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -27,7 +28,7 @@ class LoadedModel:
     model: Any  # MoETransformer
     tokenizer: Any  # tokenizers.Tokenizer
     generation: dict[str, Any]
-    folder: Path
+    tokenizer_sha256: str  # of the folder's tokenizer.json, byte for byte
 
 
 def special_token_strings(tokenizer, special_ids: dict[str, int]) -> dict[str, str]:
@@ -73,10 +74,11 @@ def _write_json(path: Path, payload: dict[str, Any]) -> None:
 
 
 def resolve_model(uri: str, dst: str | Path | None = None, tracking_uri: str | None = None) -> Path:
-    """A local folder for ``uri``: a folder as is, else an MLflow download.
+    """A local folder for ``uri``: a folder as is, else an MLflow download into ``dst``.
 
     ``models:/NAME/VERSION``, ``models:/NAME@ALIAS``, ``runs:/ID/model`` and any
-    artifact URI MLflow can read are accepted.
+    artifact URI MLflow can read are accepted. Without ``dst`` the download goes to a
+    new temporary folder that the caller must delete (``load_model`` does).
     """
     local = Path(uri)
     if "://" not in uri and not uri.startswith(("models:", "runs:")):
@@ -107,17 +109,25 @@ def load_hf_folder(folder: str | Path) -> LoadedModel:
     missing = [f for f in REQUIRED if not (folder / f).is_file()]
     if missing:
         raise JobError(f"{folder} is not a model folder: missing {', '.join(missing)}")
-    model = load_hf(folder)
+    try:
+        model = load_hf(folder)
+    except (ValueError, FileNotFoundError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise JobError(f"cannot load model from {folder}: {first}") from None
     model.eval()
     gen_file = folder / "generation_config.json"
     generation = json.loads(gen_file.read_text()) if gen_file.is_file() else {}
+    tok_bytes = (folder / "tokenizer.json").read_bytes()
     return LoadedModel(
-        model, Tokenizer.from_file(str(folder / "tokenizer.json")), generation, folder
-    )
+        model, Tokenizer.from_str(tok_bytes.decode("utf-8")), generation,
+        hashlib.sha256(tok_bytes).hexdigest(),
+    )  # fmt: skip
 
 
 def load_model(uri: str, tracking_uri: str | None = None) -> LoadedModel:
-    return load_hf_folder(resolve_model(uri, tracking_uri=tracking_uri))
+    """The model in memory; a downloaded copy is deleted once it is loaded."""
+    with tempfile.TemporaryDirectory(prefix="moe-model-") as tmp:
+        return load_hf_folder(resolve_model(uri, dst=tmp, tracking_uri=tracking_uri))
 
 
 def export_folder(uri: str, out: str | Path, tracking_uri: str | None = None) -> Path:

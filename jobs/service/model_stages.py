@@ -18,6 +18,8 @@ from jobs.service.evaluate import (
 from jobs.service.lineage import stable_hash
 from jobs.service.stages import Context, StageOutcome
 from jobs.service.tracking import CACHE_HIT_TAG
+from pipeline.locks import storage_lock
+from pipeline.storage import join
 
 
 def eval_sets(ctx: Context, reader, tokenizer) -> list[EvalSet]:
@@ -120,10 +122,16 @@ def _register(ctx: Context, run_id: str, fp: str, data, evaluated) -> dict[str, 
     with tempfile.TemporaryDirectory() as tmp:
         folder = _hf_folder(model, reader, tmp)
         mv = reg.publish_version(client, run_id, folder, name, tags)
-    champion = reg.version_by_alias(client, name, reg.CHAMPION)
-    scorer = _champion_scorer(ctx, reader, metric, eval_data)
-    decision = reg.decide(cfg.registry, metric, new_loss, champion, scorer)
-    reg.apply_decision(client, name, mv.version, decision)
+    set_name = metric.split("/")[0]
+    # Check-then-set: two registers at once could both beat the old champion and the worse
+    # one move the alias last. One gate at a time per storage root, and a re-check after.
+    with storage_lock(join(cfg.storage.root, "registry", f"{name}.champion.lock"), cfg.data.s3):
+        champion = reg.version_by_alias(client, name, reg.CHAMPION)
+        scorer = _champion_scorer(ctx, reader, metric, eval_data)
+        decision = reg.decide(cfg.registry, metric, new_loss, champion, scorer)
+        reg.apply_decision(client, name, mv.version, decision)
+        if decision.promote and cfg.registry.gate == "loss":
+            reg.recheck_champion(client, name, decision, eval_data.get(set_name), set_name)
     ctx.runs.set_tags(run_id, {**decision.as_tags(), "moe.model_version": mv.version})
     ctx.runs.log_metrics(run_id, decision.as_metrics())
     return {

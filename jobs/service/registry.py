@@ -146,3 +146,27 @@ def apply_decision(client, name: str, version: str, decision: GateDecision) -> N
     client.set_model_version_tag(name, version, TAG_BECAME_CHAMPION, str(decision.promote).lower())
     for key, value in decision.as_tags().items():
         client.set_model_version_tag(name, version, key, value)
+
+
+def recheck_champion(client, name: str, decision: GateDecision, eval_data, set_name: str):
+    """After moving ``champion``: if a version registered since the incumbent we compared
+    against was promoted on the same eval data with a lower loss (a register that ran at
+    the same time elsewhere), the alias goes back to the best of them. Returns the champion."""
+    since = int(decision.champion_version or 0)
+    rivals = [
+        v for v in client.search_model_versions(f"name = '{name}'")
+        if int(v.version) > since
+        and v.tags.get(TAG_BECAME_CHAMPION) == "true"
+        and v.tags.get(TAG_GATE_METRIC) == decision.metric
+        and v.tags.get(f"{TAG_EVAL_DATA}.{set_name}") == eval_data
+        and TAG_GATE_LOSS in v.tags
+    ]  # fmt: skip
+    champion = version_by_alias(client, name, CHAMPION)
+    if not rivals or champion is None:
+        return champion
+    best = min(rivals, key=lambda v: (float(v.tags[TAG_GATE_LOSS]), int(v.version)))
+    held = float(champion.tags.get(TAG_GATE_LOSS, "inf"))
+    if str(best.version) != str(champion.version) and float(best.tags[TAG_GATE_LOSS]) < held:
+        client.set_registered_model_alias(name, CHAMPION, best.version)
+        return best
+    return champion

@@ -1,14 +1,19 @@
-"""Schedules and their run history, in SQLite (the same file as APScheduler's job store).
+"""Schedules, their next fire times and their run history, in one SQLite file (mode 0600).
 
-The CLI only writes the ``schedules`` table; the daemon is the one writer of
-APScheduler's table and syncs it from this one. ``runs`` has one row per
+The CLI only writes the ``schedules`` table; the daemon feeds APScheduler (with an
+in-memory job store) from it and keeps each schedule's next fire time in
+``fire_times``: plain columns, so nothing in the file is ever unpickled (APScheduler's
+own SQLAlchemy job store pickles its jobs, and whoever could write the file would run
+code in the daemon, which holds the Ray token and the MLflow and S3 credentials). ``runs`` has one row per
 (schedule, scheduled time): the unique key is what makes a duplicate trigger
 a no-op, and a skip is a row too, so history shows it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sqlite3
 import time
 from contextlib import closing, contextmanager
@@ -31,6 +36,7 @@ CREATE TABLE IF NOT EXISTS runs (
     model_version TEXT NOT NULL DEFAULT '', became_champion TEXT NOT NULL DEFAULT '',
     recorded_at REAL NOT NULL, UNIQUE (schedule, scheduled_time)
 );
+CREATE TABLE IF NOT EXISTS fire_times (name TEXT PRIMARY KEY, next_run_time REAL);
 """
 
 
@@ -66,6 +72,10 @@ class ScheduleStore:
     def __init__(self, path: str | Path):
         self.path = Path(path).resolve()
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Owner-only: the file holds config trees and decides what the daemon submits.
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+        with contextlib.suppress(OSError):
+            os.chmod(self.path, 0o600)
         with self._db() as db:
             db.executescript(SCHEMA)
 
@@ -167,13 +177,24 @@ class ScheduleStore:
             return [_run(r) for r in rows.fetchall()]
 
     def next_run_times(self) -> dict[str, float | None]:
-        """APScheduler's view (epoch seconds; None = paused), read without unpickling jobs."""
+        """The daemon's next fire time per schedule (epoch seconds; None = paused).
+
+        A file last used by a daemon with APScheduler's SQL job store has its times in
+        that table's plain ``next_run_time`` column (read without touching ``job_state``).
+        """
         with self._db() as db:
-            try:
-                rows = db.execute("SELECT id, next_run_time FROM apscheduler_jobs").fetchall()
-            except sqlite3.OperationalError:  # the daemon has not created its table yet
-                return {}
-        return {r["id"]: r["next_run_time"] for r in rows}
+            rows = db.execute("SELECT name, next_run_time FROM fire_times").fetchall()
+            times = {r["name"]: r["next_run_time"] for r in rows}
+            with contextlib.suppress(sqlite3.OperationalError):  # no such (legacy) table
+                legacy = db.execute("SELECT id, next_run_time FROM apscheduler_jobs").fetchall()
+                for r in legacy:
+                    times.setdefault(r["id"], r["next_run_time"])
+        return times
+
+    def set_fire_times(self, times: dict[str, float | None]) -> None:
+        with self._db() as db:
+            db.execute("DELETE FROM fire_times")
+            db.executemany("INSERT INTO fire_times VALUES (?, ?)", list(times.items()))
 
 
 def _schedule(row: sqlite3.Row) -> Schedule:

@@ -16,6 +16,8 @@ from jobs.errors import JobError
 from jobs.service.cache import StageCache
 from jobs.service.lineage import dataset_lineage, stable_hash
 from jobs.service.tracking import CACHE_HIT_TAG, Runs
+from jobs.train.init_from import confine_checkpoint
+from pipeline.locks import storage_lock
 
 
 @dataclass
@@ -99,6 +101,11 @@ def resolve_init(ctx: Context, manifest: dict[str, Any]) -> tuple[str | None, st
             f"{theirs[:12]}, the dataset has {ours[:12]}"
         )
     checkpoint = mv.tags.get("lineage.checkpoint_uri", "")
+    if checkpoint:  # a tag any EDIT user of the registry can change
+        checkpoint = confine_checkpoint(
+            ctx.cfg.storage.root, checkpoint,
+            f"train.init_from: champion {name} v{mv.version}'s lineage.checkpoint_uri",
+        )  # fmt: skip
     if not checkpoint or not ctx.cache.exists(checkpoint):
         raise JobError(
             f"train.init_from: the checkpoint of champion {name} v{mv.version} is gone "
@@ -107,9 +114,12 @@ def resolve_init(ctx: Context, manifest: dict[str, Any]) -> tuple[str | None, st
     return checkpoint, f"models:/{name}/{mv.version}"
 
 
-def train_stage(ctx: Context, data: StageOutcome) -> StageOutcome:
-    from jobs.train.driver import train
+def _checkpoint_exists(ctx: Context, record: dict[str, Any]) -> bool:
+    uri = confine_checkpoint(ctx.cfg.storage.root, record["checkpoint_uri"], "train stage record")
+    return ctx.cache.exists(uri)
 
+
+def train_stage(ctx: Context, data: StageOutcome) -> StageOutcome:
     cfg = ctx.cfg
     init_path, init_id = resolve_init(ctx, data.outputs["manifest"])
     fp = stable_hash(
@@ -120,9 +130,21 @@ def train_stage(ctx: Context, data: StageOutcome) -> StageOutcome:
             "init_from": init_id,
         }
     )
+    # Two pipeline runs of one config would train the same run at once: the second waits,
+    # then finds the first one's record.
+    with storage_lock(ctx.cache.uri("train", fp) + ".lock", cfg.data.s3):
+        return _train_or_reuse(ctx, data, fp, init_path, init_id)
+
+
+def _train_or_reuse(
+    ctx: Context, data: StageOutcome, fp: str, init_path: str | None, init_id: str | None
+) -> StageOutcome:
+    from jobs.train.driver import train
+
+    cfg = ctx.cfg
     hit = None
     if "train" not in ctx.force:
-        hit = ctx.cache.lookup("train", fp, lambda r: ctx.cache.exists(r["checkpoint_uri"]))
+        hit = ctx.cache.lookup("train", fp, lambda r: _checkpoint_exists(ctx, r))
     if hit is not None:
         tags = {CACHE_HIT_TAG: "true", "moe.cached_from_run": hit["mlflow_run_id"]}
         with ctx.runs.stage("train", ctx.parent_run_id, tags) as run_id:

@@ -11,6 +11,7 @@ from jobs.service.lineage import config_hash, dataset_lineage, git_commit
 from jobs.service.model_stages import eval_sets, evaluate_stage, log_eval, register_stage
 from jobs.service.stages import Context, StageOutcome, ensure_ray
 from jobs.service.tracking import Runs
+from jobs.train.init_from import confine_checkpoint
 
 
 def _context(cfg) -> Context:
@@ -27,6 +28,10 @@ def _dataset(ctx: Context, dataset: str | None, checkpoint: str | None) -> Stage
         from jobs.train.checkpoint import load_checkpoint_model
 
         dataset = load_checkpoint_model(checkpoint)[2].get("dataset_uri") or None
+        if dataset is not None:  # read from the checkpoint: confined like any stored path
+            dataset = confine_checkpoint(
+                ctx.cfg.storage.root, dataset, f"{checkpoint}: dataset_uri"
+            )
     if dataset is None:
         from pipeline.prepare import prepare
 
@@ -62,7 +67,7 @@ def _evaluate_registered(ctx: Context, data: StageOutcome, model: str):
     from pipeline.reader import DatasetReader
 
     loaded = load_model(model, ctx.runs.tracking_uri)
-    theirs = hashlib.sha256((loaded.folder / "tokenizer.json").read_bytes()).hexdigest()
+    theirs = loaded.tokenizer_sha256
     ours = data.outputs["manifest"]["tokenizer"]["sha256"]
     if theirs != ours:
         raise JobError(f"evaluate: {model} has another tokenizer than dataset {data.fingerprint}")

@@ -3,26 +3,26 @@
 A checkpoint directory::
 
     checkpoint_00000200/
-        dcp/.metadata, dcp/__0_0.distcp, ...   {"model": ..., "optim": ...} (DCP)
+        dcp/.metadata, dcp/__0_0.distcp, ...   {"model": ..., "optim": ...} tensors (DCP)
+        optim_state.json                       the optimizer's non-tensor state (param_groups)
         model_config.json                      ModelConfig.to_dict()
         trainer_state.json                     TrainerState (step, sampler position, ...)
+        commit.json                            written last (``jobs.train.commit``)
 
 DCP writes one file per rank and reshards on load, so a run saved under FSDP
 on 8 GPUs resumes on 4, and ``load_checkpoint_model`` reads it in one process.
-Nothing is pickled: DCP stores tensors and a metadata file, the rest is JSON.
+Nothing is unpickled on load: DCP holds tensors only (``jobs.train.dcp_io``), its
+``.metadata`` is read through an allowlist, the rest is JSON.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import shutil
 import tempfile
-import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,12 +38,22 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from jobs.errors import JobError
-from jobs.security import safe_dcp_reader
+from jobs.train.commit import require_committed
+from jobs.train.dcp_io import (
+    dcp_load,
+    merge,
+    read_json,
+    single_process_ok,
+    split_tensors,
+    write_json,
+)
 from moe_model import ModelConfig, MoETransformer
 
-FORMAT_VERSION = 1
+# 2: the optimizer's non-tensor state moved from DCP byte entries to optim_state.json.
+FORMAT_VERSION = 2
 STATE_FILE = "trainer_state.json"
 MODEL_CONFIG_FILE = "model_config.json"
+OPTIM_STATE_FILE = "optim_state.json"
 DCP_DIR = "dcp"
 
 
@@ -77,24 +87,8 @@ class TrainerState:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
-@contextlib.contextmanager
-def _single_process_ok() -> Iterator[None]:
-    """DCP warns when used without a process group; one process is a supported case here."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
-
-
 def _dcp_load(state_dict: dict[str, Any], path: Path) -> None:
-    """``dcp.load`` through the allowlisting reader: a planted ``.metadata`` never runs code."""
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    with _single_process_ok():
-        try:
-            dcp.load(state_dict, storage_reader=safe_dcp_reader(path / DCP_DIR))
-        except CheckpointException as e:  # a BaseException: `except Exception` misses it
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise JobError(f"checkpoint {path} could not be loaded: {first}") from None
+    dcp_load(state_dict, path / DCP_DIR, path)
 
 
 def config_hash(cfg: ModelConfig) -> str:
@@ -114,9 +108,11 @@ def save_checkpoint(
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    with _single_process_ok():
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path / DCP_DIR))
+    optim_tensors, optim_rest = split_tensors(optim_sd)
+    with single_process_ok():
+        dcp.save({"model": model_sd, "optim": optim_tensors}, checkpoint_id=str(path / DCP_DIR))
     if rank == 0:
+        write_json(path / OPTIM_STATE_FILE, optim_rest)
         (path / MODEL_CONFIG_FILE).write_text(json.dumps(model_cfg.to_dict(), indent=2))
         (path / STATE_FILE).write_text(state.to_json())
 
@@ -127,8 +123,14 @@ def load_training_checkpoint(
     """Restore model and optimizer in place (collective); returns the trainer state."""
     path = Path(path)
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    both = {"model": model_sd, "optim": optim_sd}
-    _dcp_load(both, path)
+    if (path / OPTIM_STATE_FILE).is_file():
+        optim_tensors, _ = split_tensors(optim_sd)
+        both = {"model": model_sd, "optim": optim_tensors}
+        _dcp_load(both, path)
+        both["optim"] = merge(both["optim"], read_json(path / OPTIM_STATE_FILE))
+    else:  # format 1: param_groups are DCP byte entries, decoded with weights_only=True
+        both = {"model": model_sd, "optim": optim_sd}
+        _dcp_load(both, path)
     set_state_dict(model, optimizer, model_state_dict=both["model"], optim_state_dict=both["optim"])
     return read_state(path)
 
@@ -137,6 +139,8 @@ def load_model_weights(uri: str, model: nn.Module, model_cfg: ModelConfig) -> No
     """Start from another run's weights (not its optimizer or data position): ``init_from``."""
     path, temporary = local_copy(uri)
     try:
+        if not temporary:
+            require_committed(str(path))
         saved = json.loads((path / MODEL_CONFIG_FILE).read_text())
         if saved != model_cfg.to_dict():
             change = describe_model_change(saved, model_cfg)
@@ -160,8 +164,16 @@ def check_resume(
     model_cfg: ModelConfig,
     where: str,
     saved_model: dict[str, Any] | None = None,
+    seed: int | None = None,
 ) -> None:
-    """Refuse to continue a run on other data or another model: say which changed."""
+    """Refuse to continue a run on other data, another model or another seed: say which."""
+    if seed is not None and state.seed != seed:
+        # The data order and every step's RNG are functions of the seed: a resumed run
+        # with another one would be neither run.
+        raise JobError(
+            f"cannot resume from {where}: train.seed changed (checkpoint {state.seed}, "
+            f"now {seed}); use a new --run-name to start over"
+        )
     if state.dataset_fingerprint != fingerprint:
         raise JobError(
             f"cannot resume from {where}: dataset fingerprint changed "
@@ -196,6 +208,7 @@ def local_copy(uri: str) -> tuple[Path, bool]:
     fs, remote = filesystem(uri)
     if not fs.exists(f"{remote.rstrip('/')}/{STATE_FILE}"):
         raise JobError(f"no checkpoint at {uri} (missing {STATE_FILE})")
+    require_committed(uri)
     tmp = Path(tempfile.mkdtemp(prefix="moe-ckpt-"))
     fs.get(remote.rstrip("/") + "/", str(tmp), recursive=True)
     return tmp, True
@@ -207,6 +220,8 @@ def load_checkpoint_model(uri: str) -> tuple[MoETransformer, ModelConfig, dict[s
     try:
         if not (path / STATE_FILE).is_file():
             raise JobError(f"no checkpoint at {uri} (missing {STATE_FILE})")
+        if not temporary:
+            require_committed(str(path))
         cfg = ModelConfig.from_dict(json.loads((path / MODEL_CONFIG_FILE).read_text()))
         model = MoETransformer(cfg)
         sd = {"model": model.state_dict()}

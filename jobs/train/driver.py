@@ -23,8 +23,10 @@ from jobs.security import is_secret_key, safe_join
 from jobs.settings import ConfigError
 from jobs.tracking.base import resolve_tracking_uri
 from jobs.train.checkpoint import check_resume
+from jobs.train.init_from import confine_checkpoint
 from jobs.train.runs import latest_checkpoint, ray_storage, runs_uri
 from pipeline.errors import PipelineError
+from pipeline.locks import storage_lock
 
 log = logging.getLogger("jobs.train")
 
@@ -70,9 +72,28 @@ def train(
     run_name = run_name or default_run_name(reader.manifest.get("name", "dataset"))
     runs = runs_uri(cfg.storage.root)
     run_uri = safe_join(runs, run_name)
+    if init_from is None and cfg.train.init_from not in (None, "champion"):
+        init_from = cfg.train.init_from  # `champion` is resolved by `run` (jobs.service.stages)
+    if init_from is not None:
+        init_from = confine_checkpoint(cfg.storage.root, init_from)
+    # Two trainings of one run would share its folder and MLflow run: one at a time.
+    with storage_lock(f"{run_uri}.lock"):
+        return _train_locked(cfg, reader, model_cfg, run_name, run_uri, parent_run_id, init_from,
+                             progress)  # fmt: skip
+
+
+def _train_locked(
+    cfg: RootConfig, reader, model_cfg, run_name: str, run_uri: str, parent_run_id: str | None,
+    init_from: str | None, progress: bool,
+) -> TrainResult:  # fmt: skip
+    dataset_uri = reader.uri
+    runs = runs_uri(cfg.storage.root)
     saved = latest_checkpoint(run_uri)
     if saved is not None:
-        check_resume(saved.state, reader.fingerprint, model_cfg, saved.uri, saved.model_config)
+        check_resume(
+            saved.state, reader.fingerprint, model_cfg, saved.uri, saved.model_config,
+            seed=cfg.train.seed,
+        )  # fmt: skip
         log.info("run %s resumes from %s (step %d)", run_name, saved.uri, saved.state.step)
     tracking = {
         "uri": absolute_tracking_uri(resolve_tracking_uri(cfg.tracking.uri)),

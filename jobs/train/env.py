@@ -15,7 +15,7 @@ from typing import Protocol
 
 import torch
 
-from jobs.train.checkpoint import STATE_FILE
+from jobs.train.commit import is_committed, write_commit
 
 
 def checkpoint_dir_name(step: int) -> str:
@@ -61,7 +61,7 @@ class LocalEnv:
         if self.out_dir is None:
             return []
         found = self.out_dir.glob("checkpoint_*")
-        return sorted(p for p in found if (p / STATE_FILE).is_file())
+        return sorted(p for p in found if is_committed(str(p)))
 
     @contextlib.contextmanager
     def restore_dir(self) -> Iterator[str | None]:
@@ -74,6 +74,7 @@ class LocalEnv:
         if target.exists():
             shutil.rmtree(target)
         shutil.move(str(local_dir), target)
+        write_commit(str(target), step)
         for old in self.checkpoints()[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
         return str(target)

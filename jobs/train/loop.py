@@ -35,6 +35,7 @@ from jobs.train.checkpoint import (
 from jobs.train.data import TrainBatches, val_batches
 from jobs.train.distributed import all_reduce_sum, parallelize, uses_fsdp
 from jobs.train.env import WorkerEnv
+from jobs.train.init_from import confine_checkpoint
 from jobs.train.monitor import DeadExpertWatch, IntervalStats
 from jobs.train.optim import build_optimizer
 from jobs.train.perf import Meter, peak_flops
@@ -98,12 +99,12 @@ def build(
     )
     with env.restore_dir() as path:
         if path is not None:
-            check_resume(read_state(path), reader.fingerprint, model_cfg, path)
+            check_resume(read_state(path), reader.fingerprint, model_cfg, path, seed=cfg.seed)
             state = load_training_checkpoint(path, module, optimizer)
             state.world_size, state.global_batch_size = env.world_size, global_batch
             log.info("resumed from %s at step %d", path, state.step)
         elif init_from:
-            load_model_weights(init_from, module, model_cfg)
+            load_model_weights(confine_checkpoint(root.storage.root, init_from), module, model_cfg)
     return Setup(root, reader, model_cfg, trainee, state, accum, global_batch)
 
 

@@ -12,6 +12,7 @@ from typing import Any
 import ray.train
 import ray.train.torch
 
+from jobs.train.commit import write_commit
 from jobs.train.env import checkpoint_dir_name
 
 # Ray Train keeps (and logs) what is reported with each checkpoint: the headline
@@ -32,15 +33,25 @@ class RayEnv:
 
     @contextlib.contextmanager
     def restore_dir(self) -> Iterator[str | None]:
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
+        """The newest committed checkpoint of the run (not Ray's latest report: Ray registers
+        a checkpoint once every rank reported, before rank 0 has written the marker)."""
+        from jobs.train.checkpoint import local_copy, remove_dir
+        from jobs.train.runs import latest_checkpoint
+
+        saved = latest_checkpoint(self.run_uri)
+        if saved is None:
             yield None
             return
-        with checkpoint.as_directory() as path:
-            yield path
+        path, temporary = local_copy(saved.uri)
+        try:
+            yield str(path)
+        finally:
+            if temporary:
+                remove_dir(path)
 
     def save(self, local_dir: Path, step: int, metrics: dict[str, float]) -> str:
-        """Every rank reports its part; Ray merges them into one folder in storage."""
+        """Every rank reports its part; Ray merges them into one folder in storage. Once all
+        ranks are past ``report`` (each has uploaded its files), rank 0 commits the folder."""
         name = checkpoint_dir_name(step)
         kept = {k: float(v) for k, v in metrics.items() if k in _REPORTED}
         ray.train.report(
@@ -48,7 +59,14 @@ class RayEnv:
             checkpoint=ray.train.Checkpoint.from_directory(str(local_dir)),
             checkpoint_dir_name=name,
         )
-        return f"{self.run_uri.rstrip('/')}/{name}"
+        uri = f"{self.run_uri.rstrip('/')}/{name}"
+        import torch.distributed as dist
+
+        if self.world_size > 1 and dist.is_initialized():
+            dist.barrier()
+        if self.rank == 0:
+            write_commit(uri, step)
+        return uri
 
     def progress(self, update: dict[str, float]) -> None:
         if self.rank == 0 and self.sink is not None:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from jobs.train.checkpoint import MODEL_CONFIG_FILE, STATE_FILE, TrainerState
+from jobs.train.commit import is_committed
 
 CHECKPOINT_NAME = re.compile(r"checkpoint_\d{8}")
 
@@ -31,7 +32,7 @@ class SavedCheckpoint:
 
 
 def latest_checkpoint(run_uri: str) -> SavedCheckpoint | None:
-    """The newest complete checkpoint of a run (highest step with a trainer state)."""
+    """The newest committed checkpoint of a run (highest step with a valid commit marker)."""
     from pipeline.storage import filesystem
 
     fs, path = filesystem(run_uri)
@@ -41,7 +42,7 @@ def latest_checkpoint(run_uri: str) -> SavedCheckpoint | None:
     names = sorted(name for name in listed if CHECKPOINT_NAME.fullmatch(name))
     for name in reversed(names):
         base = f"{path.rstrip('/')}/{name}"
-        if fs.exists(f"{base}/{STATE_FILE}"):
+        if is_committed(f"{run_uri.rstrip('/')}/{name}"):
             state = TrainerState.from_dict(json.loads(fs.cat_file(f"{base}/{STATE_FILE}")))
             model = json.loads(fs.cat_file(f"{base}/{MODEL_CONFIG_FILE}"))
             return SavedCheckpoint(f"{run_uri.rstrip('/')}/{name}", state, model)

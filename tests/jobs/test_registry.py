@@ -216,10 +216,13 @@ def test_export_hf_and_generate_from_registry(dataset, models, mlflow_uri, tmp_p
     )
 
     prompt = "the router sends"
+    scratch = tmp_path / "tmpdir"  # the command's temporary folder: nothing may stay there
+    scratch.mkdir()
     printed = cli(
         "generate", "--model", f"models:/{name}/{out.outputs['version']}", "--prompt", prompt,
-        "--max-new-tokens", "6", env=env,
+        "--max-new-tokens", "6", env={**env, "TMPDIR": str(scratch)},
     ).rstrip("\n")  # fmt: skip
+    assert not [p.name for p in scratch.iterdir() if p.name.startswith("moe-model-")]
     from jobs.service.hf_folder import generate_text, load_hf_folder
 
     assert printed == prompt + generate_text(load_hf_folder(folder), prompt, 6)

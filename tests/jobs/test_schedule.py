@@ -4,6 +4,10 @@ restart without duplicates)."""
 
 from __future__ import annotations
 
+import os
+import pickle
+import sqlite3
+import stat
 import threading
 import time
 from datetime import datetime, timedelta, timezone
@@ -163,3 +167,53 @@ def test_daemon_fires_skips_and_restarts_without_duplicates(
     wait_for(first_done, timeout=180, what="first scheduled run never finished")
     done = runs_of(store, "quick")[0]
     assert done.status == "FAILED" and done.mlflow_run_id and not done.model_version
+
+
+class _Payload:
+    """Unpickling this calls ``open(marker, "w")``: the file appearing means code ran."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_the_daemon_never_unpickles_its_database_and_keeps_it_private(tmp_path):
+    """APScheduler's SQLAlchemy job store pickles each job into the schedules file: a
+    ``job_state`` planted there must not run when the daemon starts."""
+    marker = tmp_path / "PWNED"
+    cfg = ScheduleConfig(store=str(tmp_path / "schedules.db"), poll_seconds=0.2)
+    store = ScheduleStore(cfg.store)
+    assert stat.S_IMODE(os.stat(cfg.store).st_mode) == 0o600
+    store.add("nightly", {"cron": "0 3 * * *"}, {}, "http://127.0.0.1:9")
+    with closing_db(cfg.store) as db:
+        db.execute(
+            "CREATE TABLE apscheduler_jobs (id VARCHAR(191) PRIMARY KEY, "
+            "next_run_time FLOAT, job_state BLOB NOT NULL)"
+        )
+        planted = pickle.dumps(_Payload(marker))
+        db.execute("INSERT INTO apscheduler_jobs VALUES ('nightly', ?, ?)", (time.time(), planted))
+        db.execute("INSERT INTO apscheduler_jobs VALUES ('other', ?, ?)", (time.time(), planted))
+
+    def recorded():
+        with closing_db(cfg.store) as db:
+            return db.execute("SELECT name, next_run_time FROM fire_times").fetchall()
+
+    thread, stop = start_daemon(cfg)
+    try:
+        rows = wait_for(recorded, timeout=60, what="the daemon never recorded a fire time")
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+    assert not marker.exists(), "the daemon unpickled a job from its database"
+    assert [name for name, _ in rows] == ["nightly"]
+    assert stat.S_IMODE(os.stat(cfg.store).st_mode) == 0o600
+
+
+def closing_db(path: str):
+    from contextlib import closing
+
+    db = sqlite3.connect(path)
+    db.isolation_level = None  # autocommit
+    return closing(db)

@@ -21,6 +21,7 @@ from jobs.train.checkpoint import (
     load_training_checkpoint,
     save_checkpoint,
 )
+from jobs.train.commit import write_commit
 from jobs.train.config import TrainConfig
 from jobs.train.monitor import DeadExpertWatch, IntervalStats
 from jobs.train.optim import build_optimizer, decays
@@ -167,7 +168,16 @@ def test_checkpoint_round_trip_is_exact_and_holds_no_pickles(tmp_path):
     )
     save_checkpoint(tmp_path / "ck", tr.module, tr.optimizer, state, cfg, rank=0)
     files = sorted(p.name for p in (tmp_path / "ck").rglob("*") if p.is_file())
-    assert files == [".metadata", "__0_0.distcp", "model_config.json", "trainer_state.json"]
+    assert files == [
+        ".metadata", "__0_0.distcp", "model_config.json", "optim_state.json", "trainer_state.json"
+    ]  # fmt: skip
+    # Only tensors in DCP: nothing there would be decoded with torch.load(weights_only=False).
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    from jobs.security import safe_dcp_reader
+
+    entries = safe_dcp_reader(tmp_path / "ck" / "dcp").read_metadata().state_dict_metadata
+    assert not [k for k, v in entries.items() if isinstance(v, BytesStorageMetadata)]
 
     other = _trainee(1)
     restored = load_training_checkpoint(tmp_path / "ck", other.module, other.optimizer)
@@ -179,6 +189,9 @@ def test_checkpoint_round_trip_is_exact_and_holds_no_pickles(tmp_path):
     b = train_step(other, _batches(seed=5), lr=1e-3, grad_clip=1.0, poison=False)
     assert a.loss == b.loss and a.grad_norm == b.grad_norm
 
+    with pytest.raises(JobError, match="not complete.*no commit.json"):
+        load_checkpoint_model(str(tmp_path / "ck"))  # nothing committed it yet
+    write_commit(str(tmp_path / "ck"), 1)
     model, model_cfg, trainer_state = load_checkpoint_model(str(tmp_path / "ck"))
     assert model_cfg == cfg and trainer_state["step"] == 1
     assert all(torch.equal(ref[0][k], v) for k, v in model.state_dict().items())

@@ -131,15 +131,16 @@ def test_fsdp_and_bf16_mixed_precision_train_on_cpu(dataset, tmp_path):
 
 
 def test_init_from_starts_from_another_runs_weights(dataset, tmp_path):
-    cfg = config(*ONE_WORKER, "train.max_steps=6", "train.inject_nan_steps=[]")
+    root = f"storage.root={tmp_path}"  # init_from must lie inside the storage root
+    cfg = config(*ONE_WORKER, "train.max_steps=6", "train.inject_nan_steps=[]", root)
     trained, losses = local_losses(cfg, dataset, tmp_path / "a")
-    one = config(*ONE_WORKER, "train.max_steps=1", "train.warmup_steps=0")
+    one = config(*ONE_WORKER, "train.max_steps=1", "train.warmup_steps=0", root)
     _, fresh = local_losses(one, dataset, tmp_path / "fresh")
     env = LocalEnv(tmp_path / "b", on_progress=lambda u: fresh.__setitem__("init", u["loss"]))
     loop.run(one, dataset, env, init_from=trained["checkpoint"])
     assert fresh["init"] < fresh[1] - 1.0 and fresh["init"] == pytest.approx(losses[6], abs=0.5)
     with pytest.raises(JobError, match="init_from .*model config differs"):
-        bigger = config(*ONE_WORKER, "train.max_steps=1", "model.num_layers=3")
+        bigger = config(*ONE_WORKER, "train.max_steps=1", "model.num_layers=3", root)
         loop.run(bigger, dataset, LocalEnv(tmp_path / "c"), init_from=trained["checkpoint"])
 
 
@@ -194,6 +195,12 @@ def test_killed_worker_resumes_and_everything_reaches_mlflow(run_a, mlflow_serve
     assert result.metrics["check/param_rank_spread"] == 0.0
     kept = sorted(p.name for p in (storage / "runs" / "run-a").glob("checkpoint_0*"))
     assert kept == ["checkpoint_00000006", "checkpoint_00000009", "checkpoint_00000012"]
+    # Each checkpoint was committed after BOTH ranks' shards were in place.
+    for name in kept:
+        listed = json.loads((storage / "runs" / "run-a" / name / "commit.json").read_text())
+        assert {"dcp/__0_0.distcp", "dcp/__1_0.distcp", "trainer_state.json"} <= set(
+            listed["files"]
+        ), listed
 
     client = MlflowClient(mlflow_server)
     run = client.get_run(result.mlflow_run_id)
@@ -266,6 +273,8 @@ def test_cli_on_s3_matches_the_killed_run_exactly_and_a_rerun_continues(
     uri = result_lines(first)[-1]
     assert uri == f"s3://{bucket}/runs/run-b/checkpoint_00000012"
     assert fs.exists(f"{bucket}/runs/run-b/checkpoint_00000012/dcp/.metadata")
+    listed = json.loads(fs.cat_file(f"{bucket}/runs/run-b/checkpoint_00000012/commit.json"))
+    assert {"dcp/__0_0.distcp", "dcp/__1_0.distcp"} <= set(listed["files"]), listed
     model, model_cfg, state = load_checkpoint_model(uri)
     assert state["step"] == STEPS and state["skipped_steps"] == 1 and model_cfg.num_layers == 2
 

@@ -1,0 +1,30 @@
+"""Where a run's starting weights may come from: a checkpoint inside the storage root.
+
+``train.init_from`` (a path or URI, or ``champion``: the checkpoint a registry tag
+names, and any EDIT user of the registry can change a tag), a stage record's
+checkpoint and a checkpoint's own ``dataset_uri`` are read with the pipeline's
+credentials, so each is confined to ``storage.root`` before anything reads it.
+Every kind of ``init_from`` goes through ``confine_checkpoint``.
+"""
+
+from __future__ import annotations
+
+import os
+
+from jobs.security import PathEscapeError, ensure_within
+
+
+def _is_local(uri: str) -> bool:
+    return "://" not in uri or uri.startswith("file://")
+
+
+def confine_checkpoint(storage_root: str, uri: str, key: str = "train.init_from") -> str:
+    """``uri`` normalised, if it lies inside ``storage_root``; else ``PathEscapeError``
+    naming ``key``. A relative local path is taken from the working directory (as the
+    user typed it), then checked."""
+    if _is_local(uri) and uri:
+        uri = os.path.abspath(uri.removeprefix("file://"))
+    try:
+        return ensure_within(storage_root, uri)
+    except PathEscapeError as e:
+        raise PathEscapeError(f"{key}: {e}") from None
