@@ -103,8 +103,6 @@ def load_upcycled_weights(path: str, module: nn.Module, model_cfg: ModelConfig, 
     finally:
         if temporary:
             shutil.rmtree(local, ignore_errors=True)
-    if model_cfg.tie_embeddings:
-        state.pop("lm_head.weight")
     set_model_state_dict(module, {k: v.float() for k, v in state.items()})
 
 

@@ -145,3 +145,18 @@ def test_the_pipeline_resolves_upcycle_inside_the_root_and_hashes_the_source(sto
     )
     with pytest.raises(JobError, match=r"model\.num_layers is 3, the dense model has 2"):
         resolve_init(Context(bad, runs=None, cache=None), manifest={})
+
+
+def test_tied_embeddings_stay_tied_through_the_trainers_loader(tmp_path):
+    from jobs.train.upcycling import load_upcycled_weights
+    from moe_model import ModelConfig, MoETransformer
+
+    dense_cfg = ModelConfig.preset("debug", tie_embeddings=True, num_experts=1, top_k=1)
+    torch.manual_seed(0)
+    dense = MoETransformer(dense_cfg).eval()
+    moe = MoETransformer(dense_cfg.replace(num_experts=4, top_k=2)).eval()
+    load_upcycled_weights(str(save_dense_hf(dense, tmp_path / "d")), moe, moe.config, seed=0)
+    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (moe(ids).logits - dense(ids).logits).abs().max().item() <= 1e-5
+    assert moe.lm_head.weight is moe.embed.weight
