@@ -66,6 +66,19 @@ class ModelConfig:
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
+    def dense_equivalent(self) -> ModelConfig:
+        """The dense model with this one's active parameters and FLOPs per token: one expert of
+        hidden size top_k * F that every token takes with weight 1 (the FLOP-matched dense
+        baseline of the Switch Transformer comparisons, Fedus et al. 2021). Only the router's
+        (E - 1) * D weights per layer differ, which a test holds under 1%."""
+        return self.replace(
+            num_experts=1,
+            top_k=1,
+            intermediate_size=self.top_k * self.intermediate_size,
+            capacity_factor=None,
+            router_bias_update_rate=0.0,
+        )
+
     # Parameter accounting (OLMo-core MoEConfig.num_params style); tests hold these to numel().
 
     def _attention_params(self) -> int:

@@ -4,6 +4,7 @@ Writes the hub layout (`model.layers.{i}.block_sparse_moe.experts.{j}.w1/w2/w3.w
 every transformers version loads; reads that layout and transformers 5's fused one
 (`mlp.experts.gate_up_proj` [E, 2F, D], `mlp.experts.down_proj` [E, D, F]), single-file or
 sharded. Needs only torch, safetensors and json: transformers is not imported.
+``upcycle_dense`` (moe_model/upcycle.py) builds the MoE from a dense Llama or Mistral folder.
 
 Legend: E experts, F expert hidden, D hidden.
 """
@@ -241,3 +242,12 @@ def _materialize_buffers(model: MoETransformer, device: torch.device) -> None:
                     name, torch.zeros(buf.shape, device=device), persistent=persistent
                 )
     model.rope.reset_tables()
+
+
+def __getattr__(name: str):
+    # ``moe_model.hf.upcycle_dense`` lives in moe_model/upcycle.py, which imports this module.
+    if name == "upcycle_dense":
+        from moe_model.upcycle import upcycle_dense
+
+        return upcycle_dense
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

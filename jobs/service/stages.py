@@ -82,11 +82,19 @@ def resolve_init(ctx: Context, manifest: dict[str, Any]) -> tuple[str | None, st
 
     ``champion`` resolves to the training checkpoint the current champion was
     registered from (its ``lineage.checkpoint_uri``); with no champion yet,
-    training starts from scratch.
+    training starts from scratch. ``upcycle:PATH`` (a dense HF folder inside the
+    storage root) is checked against ``model.*`` here, before any worker starts,
+    and identified by its files' hash.
     """
     from jobs.service.registry import CHAMPION, version_by_alias
+    from jobs.train import upcycling
 
     init = getattr(ctx.cfg.train, "init_from", None)
+    dense = upcycling.upcycle_source(init)
+    if dense is not None:
+        path = upcycling.confine(ctx.cfg.storage.root, dense)
+        upcycling.check_fits(path, ctx.cfg.model.build())
+        return upcycling.PREFIX + path, upcycling.source_identity(path)
     if not init or init != CHAMPION:
         return init or None, init or None
     name = ctx.cfg.registry.model_name
@@ -122,6 +130,8 @@ def _checkpoint_exists(ctx: Context, record: dict[str, Any]) -> bool:
 def train_stage(ctx: Context, data: StageOutcome) -> StageOutcome:
     cfg = ctx.cfg
     init_path, init_id = resolve_init(ctx, data.outputs["manifest"])
+    if init_id and init_id.startswith("upcycle:"):
+        ctx.lineage["lineage.upcycled_from"] = init_id
     fp = stable_hash(
         {
             "dataset": data.fingerprint,

@@ -19,6 +19,25 @@ def test_param_counts_match_built_module(name):
     assert cfg.num_active_params() == total - idle
 
 
+@pytest.mark.parametrize("name", ["debug", "tiny", "small", "mixtral-8x7b"])
+def test_dense_equivalent_has_the_same_active_params_within_one_percent(name):
+    moe = ModelConfig.preset(name)
+    dense = moe.dense_equivalent()
+    assert (dense.num_experts, dense.top_k) == (1, 1)
+    assert dense.intermediate_size == moe.top_k * moe.intermediate_size
+    with torch.device("meta"):
+        built = MoETransformer(dense)
+    # One expert, always chosen: every parameter of the dense model is active.
+    assert (
+        dense.num_active_params()
+        == dense.num_params()
+        == sum(p.numel() for p in built.parameters())
+    )
+    assert abs(dense.num_active_params() / moe.num_active_params() - 1) < 0.01
+    assert abs(dense.flops_per_token(256) / moe.flops_per_token(256) - 1) < 0.01
+    assert dense.num_params() < moe.num_params()
+
+
 def test_mixtral_8x7b_matches_published_size():
     cfg = ModelConfig.preset("mixtral-8x7b")
     with torch.device("meta"):
