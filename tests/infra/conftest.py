@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import kustomize_render
 import pytest
 import yaml
 from servers import free_port, wait_http
@@ -23,7 +24,10 @@ INFRA = REPO / "infra"
 COMPOSE_DIR = INFRA / "compose"
 K8S_DIR = INFRA / "k8s"
 DOCKER_DIR = INFRA / "docker"
-_INTERPOLATION = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::?-(?P<default>[^}]*))?\}")
+# ${VAR}, ${VAR:-default} / ${VAR-default}, ${VAR:?error} / ${VAR?error}
+_INTERPOLATION = re.compile(
+    r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}"
+)
 
 
 def read_env_file(path: Path) -> dict[str, str]:
@@ -36,9 +40,14 @@ def read_env_file(path: Path) -> dict[str, str]:
     return out
 
 
-def interpolations(text: str) -> list[tuple[str, str | None]]:
-    """``${VAR}`` / ``${VAR:-default}`` in a compose value: (name, default or None)."""
-    return [(m["name"], m["default"]) for m in _INTERPOLATION.finditer(text)]
+def interpolations(text: str) -> list[tuple[str, str | None, str | None]]:
+    """``${VAR}`` / ``${VAR:-default}`` / ``${VAR:?error}`` in a compose value:
+    (name, operator or None, its argument or None)."""
+    return [(m["name"], m["op"], m["arg"]) for m in _INTERPOLATION.finditer(text)]
+
+
+def _default(m: re.Match) -> str | None:
+    return m["arg"] if m["op"] in (":-", "-") else None
 
 
 @dataclass
@@ -47,7 +56,7 @@ class Stack:
 
     compose: dict[str, Any]
     env_example: dict[str, str]
-    k8s: list[tuple[str, dict[str, Any]]]  # (file name, object)
+    k8s: list[tuple[str, dict[str, Any]]]  # (path under infra/k8s, object), as written
     kustomization: dict[str, Any]
     dockerfiles: dict[str, str]
     repo: Path = REPO
@@ -58,7 +67,7 @@ class Stack:
         """A compose value with ``${...}`` filled from .env.example (or the default)."""
         text = str(value)
         return _INTERPOLATION.sub(
-            lambda m: self.env_example.get(m["name"]) or (m["default"] or ""), text
+            lambda m: self.env_example.get(m["name"]) or (_default(m) or ""), text
         )
 
     def service(self, name: str) -> dict[str, Any]:
@@ -132,11 +141,13 @@ class Stack:
 
 
 def _load_k8s() -> list[tuple[str, dict[str, Any]]]:
+    """Every manifest under infra/k8s (not the kustomizations, not the pipeline config)."""
     docs = []
-    for path in sorted(K8S_DIR.glob("*.yaml")):
-        if path.name == "kustomization.yaml":
+    for path in sorted(K8S_DIR.rglob("*.yaml")):
+        rel = path.relative_to(K8S_DIR)
+        if path.name == "kustomization.yaml" or rel.parts[0] == "config":
             continue
-        docs += [(path.name, d) for d in yaml.safe_load_all(path.read_text()) if d]
+        docs += [(rel.as_posix(), d) for d in yaml.safe_load_all(path.read_text()) if d]
     return docs
 
 
@@ -173,6 +184,22 @@ def stack() -> Stack:
     )  # fmt: skip
     _generated(s)
     return s
+
+
+@pytest.fixture(scope="session")
+def rendered(tmp_path_factory) -> dict[str, list[dict[str, Any]]]:
+    """Kustomization -> the objects ``kubectl apply -k`` sends, after the deployer filled the
+    Secret files and pointed the images component at their registry (REGISTRY_IMAGE)."""
+    root = kustomize_render.prepare(
+        K8S_DIR, tmp_path_factory.mktemp("k8s") / "k8s", image_name=kustomize_render.REGISTRY_IMAGE
+    )
+    return {target: kustomize_render.render(root, target) for target in kustomize_render.TARGETS}
+
+
+@pytest.fixture(scope="session")
+def rendered_objects(rendered) -> list[tuple[str, dict[str, Any]]]:
+    """(kustomization, object) for everything any kustomization applies."""
+    return [(target, doc) for target, docs in rendered.items() for doc in docs]
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ Subcommands are read from the typer app at test time, so this follows the CLI as
 from __future__ import annotations
 
 import re
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit
 
 import click
@@ -16,11 +16,19 @@ import pytest
 from jobs.config import RootConfig
 from jobs.settings import load_config
 
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
 PIPELINE_ENV = {
     "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
     "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
     "RAY_AUTH_MODE", "RAY_AUTH_TOKEN",
 }  # fmt: skip
+PROJECT_VERSION = tomllib.loads(
+    (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
+)["project"]["version"]
 COMPOSE_PIPELINE = ("ray-head", "ray-worker", "ray-worker-gpu", "scheduler")
 # Read by the code but not a deployment setting; the reason is the documentation.
 NOT_DEPLOYMENT_SETTINGS = {
@@ -59,6 +67,16 @@ def env_read_by_code(repo) -> dict[str, str]:
     return found
 
 
+def without_deadline(argv: list[str]) -> list[str]:
+    """The command behind coreutils ``timeout [OPTION]... DURATION`` (the RayJobs' own deadline)."""
+    if argv and argv[0] == "timeout":
+        rest = argv[1:]
+        while rest[0].startswith("-"):
+            rest = rest[1:]
+        return rest[1:]
+    return argv
+
+
 def invocations(stack) -> list[tuple[str, list[str]]]:
     """(where, argv) of every command run in a project image, in compose and the manifests."""
     out = []
@@ -73,7 +91,8 @@ def invocations(stack) -> list[tuple[str, list[str]]]:
         spec = doc.get("spec", {})
         for job in (spec, spec.get("jobTemplate", {})):
             if isinstance(job.get("entrypoint"), str):
-                out.append((f"{file}:{doc['kind']}.entrypoint", stack.argv(job["entrypoint"])))
+                argv = without_deadline(stack.argv(job["entrypoint"]))
+                out.append((f"{file}:{doc['kind']}.entrypoint", argv))
     return out
 
 
@@ -196,16 +215,16 @@ def test_every_variable_the_code_reads_is_set_in_both_stacks(stack):
 
 @pytest.mark.parametrize("flavour", ["cpu", "gpu"])
 def test_images_agree_between_compose_kubernetes_and_dockerfiles(stack, flavour):
+    """One tag per flavour, <project version>-<flavour>, wherever the image is named."""
+    tag = f"moe-pretrain:{PROJECT_VERSION}-{flavour}"
     dockerfile = "Dockerfile" if flavour == "cpu" else "Dockerfile.gpu"
     built = [s for s in stack.compose["services"].values()
              if s.get("build", {}).get("dockerfile") == f"infra/docker/{dockerfile}"]  # fmt: skip
-    tags = {stack.resolve(s["image"]) for s in built}
-    assert tags == {f"moe-pretrain:{flavour}"}, tags
-    assert f"-t moe-pretrain:{flavour} ." in stack.dockerfiles[dockerfile]
+    assert {stack.resolve(s["image"]) for s in built} == {tag}
+    assert f"-t {tag} ." in stack.dockerfiles[dockerfile]
     k8s_images = {
         c["image"] for _, d in stack.k8s for _, t in stack.pod_specs(d) for c in stack.containers(t)
     }
-    assert f"moe-pretrain:{flavour}" in k8s_images
-    assert k8s_images <= {"moe-pretrain:cpu", "moe-pretrain:gpu"}, k8s_images
-    names = {i["name"] for i in stack.kustomization.get("images", [])}
-    assert names == {"moe-pretrain"}
+    assert tag in k8s_images
+    assert k8s_images <= {f"moe-pretrain:{PROJECT_VERSION}-{f}" for f in ("cpu", "gpu")}
+    assert stack.env_example[f"MOE_PRETRAIN{'_GPU' if flavour == 'gpu' else ''}_IMAGE"] == tag

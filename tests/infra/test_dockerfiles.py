@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from jobs.security import is_secret_key
 
@@ -111,3 +113,68 @@ def test_runs_as_non_root_and_defaults_to_the_cli(stack, name):
     scripts = PYPROJECT["project"]["scripts"]
     assert args[0] in scripts, f"{name}: {args[0]} is not a console script of the project"
     assert scripts[args[0]] == "jobs.cli:main" and set(args[1:]) <= {"--help"}, args
+
+
+CONSTRAINTS = DOCKER_DIR / "constraints.txt"
+# An exact version: 2.60.0, 17.6-alpine3.22, RELEASE.2025-09-07T16-13-09Z (not 17-alpine, cpu).
+_EXACT = re.compile(r"^(\d+\.\d+(\.\d+)?([-.][\w.]+)*|RELEASE\.\d{4}-\d{2}-\d{2}T[\d-]+Z)$")
+
+
+def _pins() -> dict[str, str]:
+    pins = {}
+    for line in CONSTRAINTS.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            req = Requirement(line)
+            (spec,) = req.specifier
+            assert spec.operator == "==", f"constraints.txt: {line} is not an exact pin"
+            pins[canonicalize_name(req.name)] = spec.version
+    return pins
+
+
+def _pinned(image: str) -> bool:
+    if re.search(r"@sha256:[0-9a-f]{64}$", image):
+        return True
+    _, _, tag = image.rpartition(":")
+    return bool(_EXACT.match(tag))
+
+
+def test_every_image_is_pinned_by_digest_or_exact_version(stack):
+    images = [base_image(stack.dockerfiles[n]) for n in FILES]
+    images += [stack.resolve(s["image"]) for s in stack.compose["services"].values()]
+    for image in images:
+        assert _pinned(image), f"{image} is pinned by a moving tag only"
+    version = PYPROJECT["project"]["version"]
+    project = {i for i in images if i.startswith("moe-pretrain:")}
+    assert project == {f"moe-pretrain:{version}-cpu", f"moe-pretrain:{version}-gpu"}
+
+
+def test_the_lock_satisfies_pyproject_and_the_image_versions(stack):
+    pins = _pins()
+    for dep in PYPROJECT["project"]["dependencies"]:
+        req = Requirement(dep)
+        name = canonicalize_name(req.name)
+        assert name in pins, f"{req.name} (pyproject.toml) is not in constraints.txt"
+        assert req.specifier.contains(pins[name]), f"{name}=={pins[name]} violates {req}"
+    text = stack.dockerfiles["Dockerfile"]
+    assert pins["ray"] == arg_default(text, "RAY_VERSION")
+    assert pins["torch"] == arg_default(text, "TORCH_VERSION")
+    assert not [n for n in pins if n.startswith(("nvidia-", "cuda-")) or n == "triton"]
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_every_pip_install_uses_the_lock(stack, name):
+    steps = instructions(stack.dockerfiles[name])
+    installs = [rest for ins, rest in steps if ins == "RUN" and "pip install" in rest]
+    assert len(installs) == 2, installs
+    pins = _pins()
+    for rest in installs:
+        args = shlex.split(rest)
+        assert args[args.index("-c") + 1] == "infra/docker/constraints.txt", rest
+        for arg in args[args.index("install") + 1 :]:
+            if re.match(r"^[A-Za-z][\w.\[\],-]*(==.*)?$", arg) and not arg.startswith("-"):
+                req = Requirement(arg.split("==")[0])
+                assert canonicalize_name(req.name) in pins, f"{name}: {arg}"
+    copies = [rest for ins, rest in steps if ins == "COPY"]
+    assert any("infra/docker/constraints.txt" in c for c in copies)
+    first_install = next(i for i, (ins, rest) in enumerate(steps) if "pip install" in rest)
+    assert "constraints.txt" in steps[first_install - 1][1], "copy the lock before installing"

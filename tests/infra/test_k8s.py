@@ -1,119 +1,90 @@
-"""The Kubernetes manifests: core objects validated against the Kubernetes OpenAPI schemas
-(``kubernetes-validate``), KubeRay objects against the fields of KubeRay's v1 CRDs that these
-manifests use (with every embedded pod template validated as a core ``PodTemplate``), and
-the security properties: credentials only from Secrets, nothing exposed, unprivileged pods.
+"""The Kubernetes manifests, as written and as the kustomizations render them: core objects
+validated against the Kubernetes OpenAPI schemas (``kubernetes-validate``), KubeRay objects
+against KubeRay's own CRD schemas (v1.6.2, in kuberay/), every embedded pod template as a core
+``PodTemplate``, and the security properties: credentials only from Secrets, nothing exposed,
+unprivileged pods.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
+import json
 import re
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import jsonschema
 import kubernetes_validate
+import kustomize_render
 import pytest
+import yaml
 
 from jobs.security import is_secret_key
 
 K8S_VERSION = kubernetes_validate.latest_version()
-RUN_FILES = {"rayjob.yaml", "raycronjob.yaml", "cronjob.yaml"}  # applied on their own
 CRON = re.compile(r"^(\S+\s+){4}\S+$")
 
 
-def _obj(props: dict, required: tuple[str, ...] = ()) -> dict:
-    return {"type": "object", "properties": props, "required": list(required),
-            "additionalProperties": False}  # fmt: skip
+# KubeRay's own CRDs (v1.6.2), as JSON schemas closed against unknown fields: see
+# kuberay/derive.py for how they were made and kuberay/*.schema.json ($comment) for the source.
+KUBERAY_DIR = Path(__file__).parent / "kuberay"
+KUBERAY_KINDS = ("RayCluster", "RayJob", "RayCronJob")
 
 
-# The KubeRay v1 CRD fields (ray-operator/apis/ray/v1/*_types.go, KubeRay 1.1-1.6) that matter
-# here, closed with additionalProperties: false so a typo or a field of another version fails.
-# Pod templates are checked separately, against the core schema.
-_POD = {"type": "object"}
-_STR_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
-_COUNT = {"type": "integer", "minimum": 0}
-_HEAD = _obj(
-    {"rayStartParams": _STR_MAP, "template": _POD, "serviceType": {"type": "string"},
-     "headService": {"type": "object"}, "enableIngress": {"type": "boolean"}},
-    ("rayStartParams", "template"),
-)  # fmt: skip
-_WORKER = _obj(
-    {"groupName": {"type": "string", "pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"},
-     "replicas": _COUNT, "minReplicas": _COUNT, "maxReplicas": _COUNT, "numOfHosts": _COUNT,
-     "rayStartParams": _STR_MAP, "template": _POD, "scaleStrategy": {"type": "object"},
-     "suspend": {"type": "boolean"}, "idleTimeoutSeconds": _COUNT},
-    ("groupName", "rayStartParams", "template", "minReplicas", "maxReplicas"),
-)  # fmt: skip
-_AUTOSCALER = _obj(
-    {"env": {"type": "array", "items": {"type": "object", "required": ["name"]}},
-     "envFrom": {"type": "array"}, "resources": {"type": "object"},
-     "idleTimeoutSeconds": _COUNT, "image": {"type": "string"},
-     "imagePullPolicy": {"type": "string"}, "securityContext": {"type": "object"},
-     "volumeMounts": {"type": "array"}, "version": {"enum": ["v1", "v2"]},
-     "upscalingMode": {"enum": ["Default", "Aggressive", "Conservative"]}}
-)  # fmt: skip
-_CLUSTER = _obj(
-    {"headGroupSpec": _HEAD, "workerGroupSpecs": {"type": "array", "items": _WORKER},
-     "rayVersion": {"type": "string"}, "enableInTreeAutoscaling": {"type": "boolean"},
-     "autoscalerOptions": _AUTOSCALER, "headServiceAnnotations": _STR_MAP,
-     "suspend": {"type": "boolean"}, "managedBy": {"type": "string"},
-     "authOptions": _obj({"mode": {"enum": ["disabled", "token"]}}),
-     "gcsFaultToleranceOptions": {"type": "object"}, "upgradeStrategy": {"type": "object"}},
-    ("headGroupSpec",),
-)  # fmt: skip
-_JOB = _obj(
-    {"entrypoint": {"type": "string", "minLength": 1}, "clusterSelector": _STR_MAP,
-     "rayClusterSpec": _CLUSTER, "submitterPodTemplate": _POD,
-     "activeDeadlineSeconds": {"type": "integer", "minimum": 1},
-     "shutdownAfterJobFinishes": {"type": "boolean"}, "ttlSecondsAfterFinished": _COUNT,
-     "runtimeEnvYAML": {"type": "string"}, "suspend": {"type": "boolean"},
-     "submissionMode": {"enum": ["K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"]},
-     "backoffLimit": _COUNT, "entrypointNumCpus": {"type": "number"},
-     "entrypointNumGpus": {"type": "number"}, "entrypointResources": {"type": "string"},
-     "jobId": {"type": "string"}, "metadata": _STR_MAP, "managedBy": {"type": "string"},
-     "deletionStrategy": {"type": "object"}, "submitterConfig": {"type": "object"}},
-    ("entrypoint",),
-)  # fmt: skip
-_CRON_JOB = _obj(
-    {"schedule": {"type": "string", "pattern": CRON.pattern}, "jobTemplate": _JOB,
-     "suspend": {"type": "boolean"}},
-    ("schedule", "jobTemplate"),
-)  # fmt: skip
-KUBERAY = {"RayCluster": _CLUSTER, "RayJob": _JOB, "RayCronJob": _CRON_JOB}
-_META = {"type": "object", "anyOf": [{"required": ["name"]}, {"required": ["generateName"]}]}
+@functools.cache
+def kuberay_validator(kind: str) -> jsonschema.Draft202012Validator:
+    schema = json.loads((KUBERAY_DIR / f"{kind.lower()}.schema.json").read_text())
+    return jsonschema.Draft202012Validator(schema)
 
 
-def _kuberay_schema(kind: str) -> dict:
-    return _obj(
-        {"apiVersion": {"const": "ray.io/v1"}, "kind": {"const": kind}, "metadata": _META,
-         "spec": KUBERAY[kind]},
-        ("apiVersion", "kind", "metadata", "spec"),
-    )  # fmt: skip
+def kuberay_errors(doc: dict) -> list[str]:
+    errors = kuberay_validator(doc["kind"]).iter_errors(doc)
+    return [f"{list(e.path)}: {e.message}" for e in errors]
 
 
 def _is_ray(doc: dict) -> bool:
     return doc["apiVersion"].startswith("ray.io/")
 
 
-def test_core_objects_validate_against_the_kubernetes_schemas(stack):
-    core = [(f, d) for f, d in stack.k8s if not _is_ray(d)]
-    kinds = {d["kind"] for _, d in core}
-    assert {"Deployment", "Service", "CronJob", "Job", "ConfigMap", "NetworkPolicy"} <= kinds
-    for file, doc in core:
+def test_core_objects_validate_against_the_kubernetes_schemas(rendered_objects):
+    core = {
+        (d["kind"], d["metadata"]["name"]): (k, d) for k, d in rendered_objects if not _is_ray(d)
+    }
+    kinds = {kind for kind, _ in core}
+    assert {"Deployment", "Service", "CronJob", "Job", "ConfigMap", "NetworkPolicy",
+            "ServiceAccount", "Role", "RoleBinding", "Secret"} <= kinds  # fmt: skip
+    for target, doc in core.values():
         try:
             kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
         except kubernetes_validate.ValidationError as e:
-            pytest.fail(f"{file} {doc['kind']}: {e.message} at {list(e.path)}")
+            pytest.fail(f"{target} {doc['kind']}: {e.message} at {list(e.path)}")
 
 
-def test_kuberay_objects_match_the_crd_fields(stack):
+def test_kuberay_objects_validate_against_the_kuberay_crds(rendered_objects):
     found = set()
-    for file, doc in stack.k8s:
+    for target, doc in rendered_objects:
         if _is_ray(doc):
             found.add(doc["kind"])
-            errors = jsonschema.Draft202012Validator(_kuberay_schema(doc["kind"])).iter_errors(doc)
-            messages = [f"{list(e.path)}: {e.message}" for e in errors]
-            assert not messages, f"{file} {doc['kind']}: {messages}"
-    assert found == set(KUBERAY)
+            assert doc["apiVersion"] == "ray.io/v1", doc["apiVersion"]
+            messages = kuberay_errors(doc)
+            assert not messages, f"{target} {doc['kind']}: {messages}"
+    assert found == set(KUBERAY_KINDS)
+
+
+def test_the_crd_schemas_reject_unknown_and_mistyped_fields(stack):
+    """The schemas are closed where the CRDs are: a typo deep in a spec fails."""
+    cluster = copy.deepcopy(stack.one("RayCluster"))
+    cluster["spec"]["headGroupSpec"]["rayStartParam"] = {}
+    assert any("rayStartParam" in m for m in kuberay_errors(cluster))
+    job = copy.deepcopy(stack.one("RayJob"))
+    job["spec"]["activeDeadlineSeconds"] = "1d"
+    assert any("activeDeadlineSeconds" in m for m in kuberay_errors(job))
+    cron = copy.deepcopy(stack.one("RayCronJob"))
+    cron["spec"]["concurrencyPolicy"] = "Forbid"  # not a RayCronJob field (KubeRay 1.6)
+    assert any("concurrencyPolicy" in m for m in kuberay_errors(cron))
+    for kind in KUBERAY_KINDS:
+        assert "KubeRay v1.6" in kuberay_validator(kind).schema["$comment"]
 
 
 def test_every_pod_template_validates_as_a_core_pod_template(stack):
@@ -134,11 +105,31 @@ def test_worker_groups_scale_within_their_bounds(stack):
         assert lo <= n <= hi and hi > 0, group["groupName"]
 
 
-def test_kustomization_covers_every_file_and_generators_have_examples(stack):
+def _resources(k8s: Path, target: str) -> set[str]:
+    """Manifest files (relative to infra/k8s) a kustomization applies, components included."""
+    k = yaml.safe_load((k8s / target / "kustomization.yaml").read_text())
+    out = set()
+    for entry in k.get("resources", []) + k.get("components", []):
+        path = (k8s / target / entry).resolve()
+        rel = path.relative_to(k8s.resolve()).as_posix()
+        out |= _resources(k8s, rel) if path.is_dir() else {rel}
+    return out
+
+
+def test_every_manifest_is_applied_by_exactly_one_kustomization(stack):
     k8s = stack.repo / "infra/k8s"
-    resources = set(stack.kustomization["resources"])
-    on_disk = {p.name for p in k8s.glob("*.yaml")} - {"kustomization.yaml"}
-    assert resources | RUN_FILES == on_disk
+    applied = [f for target in kustomize_render.TARGETS for f in _resources(k8s, target)]
+    assert sorted(applied) == sorted({file for file, _ in stack.k8s}), "a manifest outside"
+    for target in kustomize_render.TARGETS:
+        k = yaml.safe_load((k8s / target / "kustomization.yaml").read_text())
+        assert k["namespace"] == "moe-pretrain", target
+        assert [(k8s / target / c).resolve() for c in k["components"]] == [
+            (k8s / "images").resolve()
+        ], f"{target} must take its images from the images component"
+
+
+def test_generators_have_examples_and_fixed_names(stack):
+    k8s = stack.repo / "infra/k8s"
     for gen in stack.kustomization["secretGenerator"]:
         for path in gen.get("envs", []) + [f.split("=")[-1] for f in gen.get("files", [])]:
             assert (k8s / f"{path}.example").is_file(), f"no template for {path}"
@@ -218,23 +209,29 @@ def test_nothing_is_exposed_outside_the_cluster(stack):
                 assert not [p for p in c.get("ports", []) if "hostPort" in p], label
 
 
-def test_pods_run_unprivileged(stack):
+def test_pods_run_unprivileged_under_the_restricted_profile(stack):
+    """What Pod Security's `restricted` level asks (the namespace warns on it), on every pod and
+    on the autoscaler container KubeRay injects (its securityContext is autoscalerOptions')."""
     for _, doc in stack.k8s:
         for label, t in stack.pod_specs(doc):
             spec = t["spec"]
             assert spec.get("automountServiceAccountToken") is False, label
-            assert spec.get("securityContext", {}).get("runAsNonRoot") is True, label
+            ctx = spec.get("securityContext", {})
+            assert ctx.get("runAsNonRoot") is True, label
+            assert ctx.get("seccompProfile") == {"type": "RuntimeDefault"}, label
             for c in stack.containers(t):
                 ctx = c.get("securityContext", {})
                 assert ctx.get("allowPrivilegeEscalation") is False, label
                 assert ctx.get("capabilities", {}).get("drop") == ["ALL"], label
+    auto = stack.one("RayCluster")["spec"]["autoscalerOptions"]["securityContext"]
+    assert auto == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
 
 
-def test_everything_lives_in_one_namespace(stack):
+def test_everything_lives_in_one_namespace(stack, rendered_objects):
     (ns,) = stack.objects("Namespace")
     name = ns["metadata"]["name"]
     assert stack.kustomization["namespace"] == name
-    for file, doc in stack.k8s:
+    for file, doc in [*stack.k8s, *rendered_objects]:
         if doc["kind"] != "Namespace":
             assert doc["metadata"].get("namespace") == name, f"{file} {doc['kind']}"
 
@@ -282,7 +279,7 @@ def test_ray_nodes_use_token_auth_and_the_right_images(stack):
         assert "RAY_AUTH_TOKEN" not in env, f"{label}: the operator owns the Ray token"
         gpus = c["resources"].get("limits", {}).get("nvidia.com/gpu")
         assert bool(gpus) == label.endswith("gpu-workers"), label
-        assert c["image"].endswith(":gpu" if gpus else ":cpu"), label
+        assert c["image"].endswith("-gpu" if gpus else "-cpu"), label
 
 
 def test_runs_are_submitted_to_the_cluster_with_the_token(stack):

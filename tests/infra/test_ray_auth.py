@@ -3,6 +3,7 @@ no token, no entry; ``jobs.auth.ray_auth_headers`` is all a client needs."""
 
 from __future__ import annotations
 
+import re
 import urllib.error
 import urllib.request
 
@@ -36,3 +37,12 @@ def test_the_sdk_client_authenticates_with_the_headers_alone(ray_cluster, monkey
     monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
     headers = ray_auth_headers({"RAY_AUTH_TOKEN": ray_cluster.token})
     assert isinstance(JobSubmissionClient(ray_cluster.address, headers=headers).list_jobs(), list)
+
+
+def test_the_compose_healthcheck_needs_no_token(ray_cluster, stack):
+    """ray-head's healthcheck runs without the token, so the path must be one Ray leaves open
+    (as KubeRay's probes need too); it must still report the GCS."""
+    test = stack.service("ray-head")["healthcheck"]["test"]
+    (path,) = re.findall(r"http://localhost:\d+(/[\w/]+)", test[-1])
+    with urllib.request.urlopen(f"{ray_cluster.address}{path}", timeout=30) as r:
+        assert r.status == 200 and r.read().decode().strip() == "success"
