@@ -15,6 +15,7 @@ import io
 import os
 import pickle
 import posixpath
+import re
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
