@@ -153,8 +153,7 @@ def _fit(
             storage_path=storage_path,
             storage_filesystem=storage_fs,
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
-            # Retention is the workers' (RayEnv._prune): Ray keeps every report it knows of.
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_last_k),
             worker_runtime_env={"env_vars": _forwarded_env()},
         ),
     )

@@ -12,9 +12,8 @@ from typing import Any
 import ray.train
 import ray.train.torch
 
-from jobs.train.commit import is_committed, write_commit
+from jobs.train.commit import write_commit
 from jobs.train.env import checkpoint_dir_name
-from jobs.train.runs import CHECKPOINT_NAME
 
 # Ray Train keeps (and logs) what is reported with each checkpoint: the headline
 # numbers only; the full set goes to MLflow and the worker's return value.
@@ -24,14 +23,13 @@ _REPORTED = ("train/loss", "val/loss", "train/tokens_seen")
 class RayEnv:
     keeps_checkpoints = True
 
-    def __init__(self, run_uri: str, progress_sink=None, keep: int = 3) -> None:
+    def __init__(self, run_uri: str, progress_sink=None) -> None:
         ctx = ray.train.get_context()
         self.rank = ctx.get_world_rank()
         self.world_size = ctx.get_world_size()
         self.device = ray.train.torch.get_device()
         self.run_uri = run_uri
         self.sink = progress_sink
-        self.keep = keep
 
     @contextlib.contextmanager
     def restore_dir(self) -> Iterator[str | None]:
@@ -68,21 +66,7 @@ class RayEnv:
             dist.barrier()
         if self.rank == 0:
             write_commit(uri, step)
-            self._prune()
         return uri
-
-    def _prune(self) -> None:
-        """Keep the newest ``keep`` committed checkpoints. Retention is ours, not Ray's
-        ``num_to_keep``: a checkpoint committed just before a worker died may never have
-        been registered with Ray, whose manager would then leave it behind forever."""
-        from pipeline.storage import filesystem
-
-        fs, path = filesystem(self.run_uri)
-        names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
-        saved = [n for n in names if CHECKPOINT_NAME.fullmatch(n)]
-        committed = [n for n in saved if is_committed(f"{self.run_uri.rstrip('/')}/{n}")]
-        for name in committed[: -self.keep]:
-            fs.rm(f"{path.rstrip('/')}/{name}", recursive=True)
 
     def progress(self, update: dict[str, float]) -> None:
         if self.rank == 0 and self.sink is not None:
@@ -104,6 +88,6 @@ def train_fn(config: dict[str, Any]) -> dict[str, Any]:
     from jobs.train import loop
 
     root = RootConfig.model_validate(config["root"])
-    env = RayEnv(config["run_uri"], config.get("progress_sink"), root.train.keep_last_k)
+    env = RayEnv(config["run_uri"], config.get("progress_sink"))
     tracking = MlflowSpec(**config["tracking"]) if config.get("tracking") else None
     return loop.run(root, config["dataset_uri"], env, tracking, init_from=config.get("init_from"))
