@@ -168,7 +168,26 @@ def _fit(
     ray.kill(sink)
     if "error" in outcome:
         raise _user_error(outcome["error"])
+    _drop_orphans(outcome["result"], loop_config["run_uri"])
     return outcome["result"].return_value or {}
+
+
+def _drop_orphans(result, run_uri: str) -> None:
+    """Delete checkpoint folders that Ray's retention does not know of. A checkpoint committed
+    just before a worker died may never reach Ray's checkpoint manager, so ``num_to_keep``
+    would leave it behind for good. Only what Ray's run snapshot references is kept, so a
+    later rerun of the run still finds every checkpoint the snapshot names."""
+    from jobs.train.runs import CHECKPOINT_NAME
+    from pipeline.storage import filesystem
+
+    known = {c.path.rstrip("/").rsplit("/", 1)[-1] for c, _ in result.best_checkpoints or []}
+    if not known:
+        return
+    fs, path = filesystem(run_uri)
+    for entry in fs.ls(path, detail=False):
+        name = entry.rstrip("/").rsplit("/", 1)[-1]
+        if CHECKPOINT_NAME.fullmatch(name) and name not in known:
+            fs.rm(f"{path.rstrip('/')}/{name}", recursive=True)
 
 
 def _run_fit(trainer, outcome: dict[str, Any]) -> None:
