@@ -25,6 +25,12 @@ from pathlib import Path
 import pytest
 from servers import free_port, wait_http
 
+# MLflow's telemetry thread sets and unsets an environment variable while other threads read
+# os.environ (requests' proxy lookup), which raised KeyError '_MLFLOW_TELEMETRY_SESSION_ID' in
+# a test here; the machine is offline anyway, so the tests and every server they start run
+# without it.
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+
 
 @pytest.fixture(scope="session")
 def s3_endpoint():
