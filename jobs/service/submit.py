@@ -7,10 +7,11 @@ cluster. Keys that hold credentials are never shipped: the entrypoint and
 runtime_env are visible to anyone who can read the dashboard; give the
 cluster its secrets through its own environment.
 
-Auth: Ray 2.5x clusters started with ``RAY_AUTH_MODE=token`` want
-``Authorization: Bearer <token>`` on every dashboard request. The SDK adds it
-only when this process runs in token mode too, so when ``RAY_AUTH_TOKEN`` is
-set it is sent explicitly.
+Auth: Ray 2.52+ clusters in token mode want ``Authorization: Bearer <token>``
+on every dashboard request. The SDK adds it only when this process runs in
+token mode too, so the token is sent explicitly, found where Ray keeps it
+(``jobs.auth.ray_auth_token``: ``$RAY_AUTH_TOKEN``, ``$RAY_AUTH_TOKEN_PATH``,
+``~/.ray/auth_token``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from jobs.auth import ray_auth_headers
 from jobs.errors import JobError
 from jobs.security import is_secret_key
 from jobs.service.config import ClusterConfig
@@ -77,7 +79,8 @@ def _errors(what: str):
         raise
     except AuthenticationError:
         raise JobError(
-            f"{what}: the cluster refused our credentials; set RAY_AUTH_TOKEN to its token"
+            f"{what}: the cluster refused our credentials; set RAY_AUTH_TOKEN to its token, "
+            f"or RAY_AUTH_TOKEN_PATH to its token file (default ~/.ray/auth_token)"
         ) from None
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise JobError(f"{what}: {_first_line(e)}") from None
@@ -86,8 +89,7 @@ def _errors(what: str):
 def client(address: str):
     from ray.job_submission import JobSubmissionClient
 
-    token = os.environ.get("RAY_AUTH_TOKEN")
-    headers = {"Authorization": f"Bearer {token}"} if token else None
+    headers = ray_auth_headers() or None
     with _errors(f"Ray dashboard at {address}"):
         return JobSubmissionClient(address, headers=headers)
 

@@ -18,11 +18,14 @@ from jobs.tracking.mlflow_tracker import MlflowTracker
 
 
 class SwitchableProxy:
-    """Forwards TCP to ``target`` while up; while down, drops every connection at once."""
+    """Forwards TCP to ``target`` while up; while down, drops every connection at once,
+    or, with ``hang``, accepts it and never answers (a server that is up but stuck)."""
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
         self.up = False
+        self.hang = False
+        self.held: list[socket.socket] = []
         self.sock = socket.socket()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
@@ -37,7 +40,10 @@ class SwitchableProxy:
             except OSError:
                 return
             if not self.up:
-                client.close()
+                if self.hang:
+                    self.held.append(client)
+                else:
+                    client.close()
                 continue
             upstream = socket.create_connection(("127.0.0.1", self.target_port))
             for a, b in ((client, upstream), (upstream, client)):
@@ -54,6 +60,12 @@ class SwitchableProxy:
             for s in (src, dst):
                 with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
+
+    def release(self) -> None:
+        """Stop hanging: every held connection is dropped, later ones too."""
+        self.hang = False
+        for client in self.held:
+            client.close()
 
     def close(self) -> None:
         self.sock.close()
@@ -100,12 +112,20 @@ def test_logging_never_blocks_and_an_outage_loses_nothing(mlflow_server):
     proxy = SwitchableProxy(int(mlflow_server.rsplit(":", 1)[1]))
     uri = f"http://127.0.0.1:{proxy.port}"
     exp = f"outage-{uuid.uuid4().hex[:8]}"
+    proxy.hang = True  # a stuck server: any call that waits on it never returns
     tracker = MlflowTracker(uri, exp, run_name="o", retry_interval_s=0.3, system_metrics=False)
-    start = time.perf_counter()
-    for step in range(1, 51):
-        tracker.log({"train/loss": float(step)}, step)
-    tracker.log_params({"train": {"lr": 0.5}})
-    assert time.perf_counter() - start < 0.5
+
+    def log_everything() -> None:
+        for step in range(1, 51):
+            tracker.log({"train/loss": float(step)}, step)
+        tracker.log_params({"train": {"lr": 0.5}})
+
+    caller = threading.Thread(target=log_everything, daemon=True)
+    caller.start()
+    caller.join(timeout=60)
+    assert not caller.is_alive(), "log() waited on a server that never answers"
+    assert tracker.run_id is None  # nothing could have reached the server yet
+    proxy.release()
     time.sleep(1.0)
     assert tracker.run_id is None and tracker._warned
     proxy.up = True
