@@ -34,8 +34,22 @@ class TrackingConfig(Section):
     experiment: str = "moe-pretrain"
 
 
+# Embedding and LM-head GEMMs run fastest when V is a multiple of 64 (tensor-core tiles;
+# nanoGPT pads GPT-2's 50257 to 50304 for the same reason).
+VOCAB_MULTIPLE = 64
+
+
+def padded_vocab(vocab_size: int) -> int:
+    return -(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
 class ModelSection(BaseModel):
-    """``preset`` plus any ``moe_model.ModelConfig`` field to override it."""
+    """``preset`` plus any ``moe_model.ModelConfig`` field to override it.
+
+    ``vocab_size`` follows the dataset's tokenizer (padded to a multiple of 64)
+    unless the user sets ``model.vocab_size``: a preset's vocabulary is a guess,
+    the dataset's is a fact.
+    """
 
     model_config = ConfigDict(extra="allow")
     preset: str = "tiny"
@@ -48,16 +62,20 @@ class ModelSection(BaseModel):
     def overrides(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
 
-    def build(self):
+    def build(self, data_vocab_size: int | None = None):
+        """The model's config; ``data_vocab_size`` (the dataset's) sets V unless the user did."""
         from moe_model import ModelConfig
 
         fields = {f.name for f in dataclasses.fields(ModelConfig)}
-        for key in self.overrides():
+        overrides = self.overrides()
+        for key in overrides:
             if key not in fields:
                 raise ValueError(f"unknown config key 'model.{key}'")
+        if data_vocab_size is not None and "vocab_size" not in overrides:
+            overrides["vocab_size"] = padded_vocab(data_vocab_size)
         try:
             base = ModelConfig.preset(self.preset)
-            return dataclasses.replace(base, **self.overrides())
+            return dataclasses.replace(base, **overrides)
         except (ValueError, TypeError, KeyError) as e:
             # ModelConfig's messages start with the field name: "top_k: must be <= ..."
             field, sep, problem = str(e).strip("'\"").partition(": ")

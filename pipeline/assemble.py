@@ -10,6 +10,7 @@ incremental builds).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,8 @@ from pipeline.quarantine import QuarantineWriter
 from pipeline.writer import ShardWriter
 
 _QUARANTINE_COLUMNS = ["reason", "source", "line", "offset", "detail", "text"]
+# Fewer packed train rows than this and no val split is made from them.
+MIN_ROWS_FOR_TAIL_VAL = 2
 
 
 def val_threshold(val_fraction: float) -> np.uint64:
@@ -46,10 +49,12 @@ class Assembler:
             self.dedup.seed(seen)
         self.quarantine = QuarantineWriter(dataset_uri, cfg.s3)
         self.packers = {s: Packer(cfg.row_len, dtype) for s in SPLITS}
+        # Train holds one shard back, so that the tail can still become val (``_tail_val``).
         self.writers = {
-            s: ShardWriter(dataset_uri, s, cfg.row_len, dtype, cfg.shard_rows, cfg.s3)
+            s: ShardWriter(dataset_uri, s, cfg.row_len, dtype, cfg.shard_rows, cfg.s3,
+                           hold_back=cfg.shard_rows if s == "train" else 0)
             for s in SPLITS
-        }
+        }  # fmt: skip
         self.documents = dict.fromkeys(SPLITS, 0)
         self.records_in = 0
         self.kept_hashes: list[np.ndarray] = []
@@ -91,7 +96,22 @@ class Assembler:
         if len(flat):
             self.writers[split].add(self.packers[split].add(flat))
 
+    def _tail_val(self) -> dict[str, Any]:
+        """How val was made; when no document hashed into it (a corpus of one book, or a
+        handful of documents), the last ``ceil(val_fraction * train rows)`` packed train
+        rows become val instead (at least 1, at most the rows held back, one shard or
+        more; train keeps at least 1)."""
+        train_rows = sum(s["rows"] for s in self.writers["train"].shards)
+        train_rows += self.writers["train"]._pending_rows
+        if self.documents["val"] or not self.cfg.val_fraction or train_rows < MIN_ROWS_FOR_TAIL_VAL:
+            return {"method": "document_hash", "rows_from_train": 0}
+        want = min(max(1, math.ceil(self.cfg.val_fraction * train_rows)), train_rows - 1)
+        rows = self.writers["train"].take_last(want)
+        self.writers["val"].add(rows)
+        return {"method": "train_tail", "rows_from_train": len(rows)}
+
     def finish(self) -> dict[str, Any]:
+        val_split = self._tail_val()
         splits = {}
         for split in SPLITS:
             shards = self.writers[split].close()
@@ -107,4 +127,5 @@ class Assembler:
             "quarantine": self.quarantine.close(),
             "duplicates_removed": self.dedup.removed,
             "records_in": self.records_in,
+            "val_split": val_split,
         }

@@ -154,10 +154,12 @@ def extend(base: Found, own: dict[str, Any], added: list[SourceFile]) -> dict[st
         "duplicates_removed": own["duplicates_removed"],
         "splits": {n: {k: s[k] for k in _SUMMED} for n, s in own["splits"].items()},
         "base_remainder_tokens": {n: s["remainder_tokens"] for n, s in b["splits"].items()},
+        "val_split": own["val_split"],
     }
     return {
         **own,
         "splits": splits,
+        "val_split": _val_split(b.get("val_split"), own["val_split"]),
         "quarantine": {
             "total": b["quarantine"]["total"] + own["quarantine"]["total"],
             "by_reason": dict(sorted(reasons.items())),
@@ -170,6 +172,13 @@ def extend(base: Found, own: dict[str, Any], added: list[SourceFile]) -> dict[st
         + own["doc_hashes"],
         "incremental": delta,
     }
+
+
+def _val_split(base: dict[str, Any] | None, own: dict[str, Any]) -> dict[str, Any]:
+    """Each build made its own val split; rows taken from train tails add up."""
+    base = base or {"method": "document_hash", "rows_from_train": 0}
+    rows = base["rows_from_train"] + own["rows_from_train"]
+    return {"method": "train_tail" if rows else "document_hash", "rows_from_train": rows}
 
 
 def check_references(dataset_uri: str, paths: list[str], cfg: PrepareConfig) -> None:

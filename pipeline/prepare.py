@@ -239,6 +239,7 @@ def _manifest(
             "identity": plan.identity,
         },
         "splits": stats["splits"],
+        "val_split": stats["val_split"],
         "quarantine": stats["quarantine"],
         "duplicates_removed": stats["duplicates_removed"],
         "records_read": stats["records_in"],

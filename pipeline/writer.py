@@ -38,7 +38,11 @@ class ShardWriter:
         dtype: np.dtype,
         shard_rows: int,
         s3: S3Options | None = None,
+        hold_back: int = 0,
     ):
+        """``hold_back``: rows kept unwritten besides a full shard, so ``take_last`` can
+        still return them at the end. Shard boundaries do not change, only when they
+        are written."""
         self.dataset_uri = dataset_uri
         self.split = split
         self.row_len = row_len
@@ -48,6 +52,7 @@ class ShardWriter:
         self.shards: list[dict[str, Any]] = []
         self._pending: list[np.ndarray] = []
         self._pending_rows = 0
+        self.hold_back = hold_back
 
     def add(self, rows: np.ndarray) -> None:
         assert rows.ndim == 2 and rows.shape[1] == self.row_len, rows.shape
@@ -55,11 +60,21 @@ class ShardWriter:
             return
         self._pending.append(rows)
         self._pending_rows += len(rows)
-        while self._pending_rows >= self.shard_rows:
+        while self._pending_rows >= self.shard_rows + self.hold_back:
             block = np.concatenate(self._pending)
             self._write(block[: self.shard_rows])
             rest = block[self.shard_rows :]
             self._pending, self._pending_rows = ([rest] if len(rest) else []), len(rest)
+
+    def take_last(self, n: int) -> np.ndarray:
+        """Remove and return the last ``n`` rows not yet written (fewer if fewer are held)."""
+        if not self._pending_rows or n <= 0:
+            return np.empty((0, self.row_len), self.dtype)
+        block = np.concatenate(self._pending)
+        n = min(n, len(block))
+        rest = block[: len(block) - n]
+        self._pending, self._pending_rows = ([rest] if len(rest) else []), len(rest)
+        return block[len(block) - n :]
 
     def close(self) -> list[dict[str, Any]]:
         if self._pending_rows:

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from jobs.errors import JobError
 from jobs.service.config import EvaluateConfig
 from jobs.train.step import perplexity
 from pipeline.config import PrepareConfig
@@ -42,7 +43,11 @@ class EvalResult:
         if metric == "auto":
             metric = "heldout/loss" if "heldout/loss" in self.metrics else "val/loss"
         if metric not in self.metrics:
-            raise KeyError(metric)
+            where = "evaluate.inputs" if metric == "heldout/loss" else "the dataset's val split"
+            raise JobError(
+                f"registry.gate_metric: {metric} was not measured ({where} has no rows of "
+                f"seq_len + 1 tokens); give more text, a shorter data.seq_len, or evaluate.inputs"
+            )
         return metric, self.metrics[metric]
 
 

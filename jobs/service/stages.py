@@ -93,7 +93,7 @@ def resolve_init(ctx: Context, manifest: dict[str, Any]) -> tuple[str | None, st
     dense = upcycling.upcycle_source(init)
     if dense is not None:
         path = upcycling.confine(ctx.cfg.storage.root, dense)
-        upcycling.check_fits(path, ctx.cfg.model.build())
+        upcycling.check_fits(path, ctx.cfg.model.build(manifest["vocab_size"]))
         return upcycling.PREFIX + path, upcycling.source_identity(path)
     if not init or init != CHAMPION:
         return init or None, init or None
@@ -135,7 +135,7 @@ def train_stage(ctx: Context, data: StageOutcome) -> StageOutcome:
     fp = stable_hash(
         {
             "dataset": data.fingerprint,
-            "model": cfg.model.build().to_dict(),
+            "model": cfg.model.build(data.outputs["manifest"]["vocab_size"]).to_dict(),
             "train": cfg.train.model_dump(mode="json"),
             "init_from": init_id,
         }

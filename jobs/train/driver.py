@@ -64,7 +64,7 @@ def train(
     from pipeline.reader import DatasetReader
 
     reader = DatasetReader(dataset_uri)
-    model_cfg = cfg.model.build()
+    model_cfg = cfg.model.build(reader.vocab_size)
     from jobs.train.loop import _check_fits
 
     _check_fits(reader, model_cfg)

@@ -75,7 +75,7 @@ def build(
 
     cfg = root.train
     reader = DatasetReader(dataset_uri)
-    model_cfg = root.model.build()
+    model_cfg = root.model.build(reader.vocab_size)
     _check_fits(reader, model_cfg)
     bf16 = use_bf16(cfg.precision, env.device)
     torch.manual_seed(cfg.seed)

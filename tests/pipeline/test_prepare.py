@@ -158,3 +158,28 @@ def test_the_manifest_holds_no_credential(clean_corpus, tmp_path):
     shown = json.loads(text)["config"]["s3"]
     assert shown["endpoint_url"] == "http://***@s3.local:9000/?X-Amz-Signature=***"
     assert prepare(cfg, str(tmp_path / "out"), progress=False, executor="local").cache_hit
+
+
+def test_a_one_document_corpus_gets_its_val_split_from_the_train_tail(tmp_path):
+    rng = random.Random(3)
+    book = tmp_path / "book.txt"
+    book.write_text(" ".join(document(rng) for _ in range(60)))  # one file = one document
+    cfg = tiny_config([str(book)], val_fraction=0.1, shard_rows=32)
+    m = prepare(cfg, str(tmp_path / "out"), progress=False, executor="local").manifest
+    train, val = m["splits"]["train"], m["splits"]["val"]
+    assert train["documents"] == 1 and val["documents"] == 0
+    rows = train["rows"] + val["rows"]
+    assert len(train["shards"]) > 2  # shards were written before the tail was taken
+    assert val["rows"] == -(-rows // 10) == m["val_split"]["rows_from_train"]
+    assert m["val_split"]["method"] == "train_tail"
+    ds = DatasetReader(str(tmp_path / "out" / "datasets" / "tiny" / m["fingerprint"]))
+    whole = np.concatenate([split_stream(ds, "train"), split_stream(ds, "val")])
+    tok = ds.load_tokenizer()
+    ids = tok.encode(book.read_text(), add_special_tokens=False).ids + [ds.eos_token_id]
+    assert whole.tolist() == ids[: len(whole)]  # val is the end of the book, nothing lost
+
+
+def test_a_corpus_whose_documents_fill_val_keeps_the_hash_split(clean_corpus, tmp_path):
+    m = prepare(tiny_config([str(clean_corpus)]), str(tmp_path / "out"), progress=False,
+                executor="local").manifest  # fmt: skip
+    assert m["val_split"] == {"method": "document_hash", "rows_from_train": 0}
