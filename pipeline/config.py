@@ -12,7 +12,17 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from pipeline.naming import default_name
 
 from pipeline.redaction import redact
 
@@ -65,7 +75,11 @@ class S3Options(_Section):
 
 
 class PrepareConfig(_Section):
-    name: str = Field("python-docs", description="Dataset name: a folder under datasets/.")
+    name: str = Field(
+        "python-docs",
+        description="Dataset name: a folder under datasets/; default: read off the inputs "
+        "(alice.txt -> alice, several -> first-and-N-more).",
+    )
     inputs: list[str] = Field(
         default_factory=lambda: ["builtin://python-docs"],
         description="Files, folders, globs, s3://, hf://datasets/..., builtin://python-docs.",
@@ -103,6 +117,13 @@ class PrepareConfig(_Section):
     )
     batch_size: int = Field(256, gt=0, description="Documents per tokenizer call.")
     s3: S3Options = S3Options()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_name(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("name") is None and data.get("inputs"):
+            return {**data, "name": default_name(list(data["inputs"]))}
+        return data
 
     @field_validator("name")
     @classmethod
