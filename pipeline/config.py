@@ -23,7 +23,6 @@ from pydantic import (
 )
 
 from pipeline.naming import default_name
-
 from pipeline.redaction import redact
 
 RUNTIME_ONLY = ("num_workers", "batch_size", "s3", "incremental")

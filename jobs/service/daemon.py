@@ -8,6 +8,12 @@ every fire), and asks Ray how the active runs are doing. A restarted daemon
 starts each job at its recorded time, so runs missed while it was down coalesce
 into one. ``stop`` (a ``threading.Event``) ends it cleanly;
 SIGTERM and Ctrl-C do too.
+
+Nothing else ends it: a fault in one poll is logged and the next poll tries
+again; a fault in one fire records that run as ``SUBMIT_FAILED`` with the
+reason (``fire_guarded``). Ray and MLflow are imported before any thread
+starts: a first ``import ray`` racing in two threads fails with a partial
+module (``cannot import name RayActorError``).
 """
 
 from __future__ import annotations
@@ -18,7 +24,37 @@ from datetime import datetime, timezone
 
 from jobs.service.config import ScheduleConfig
 from jobs.service.schedule_store import ScheduleStore
-from jobs.service.scheduler import FIRE, log, make_trigger, refresh_all
+from jobs.service.scheduler import fire, log, make_trigger, refresh_all, submission_id
+
+FIRE = "jobs.service.daemon:fire_guarded"
+
+
+def fire_guarded(name: str, store_path: str, scheduled_time: datetime | None = None) -> str:
+    """``scheduler.fire``, and any fault it raises recorded as this run's SUBMIT_FAILED."""
+    try:
+        return fire(name, store_path, scheduled_time)
+    except Exception as e:  # the daemon's boundary: one run's fault must not lose the others
+        reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+        log.exception("%s: fire failed", name)
+        sid, when = submission_id(name, scheduled_time), scheduled_time.isoformat()
+        try:
+            store = ScheduleStore(store_path)
+            if not store.record(name, when, sid, "SUBMIT_FAILED", reason):
+                store.update(sid, status="SUBMIT_FAILED", note=reason)
+        except Exception:  # the store itself is failing: the log is all that is left
+            log.exception("%s: could not record SUBMIT_FAILED", sid)
+        return "SUBMIT_FAILED"
+
+
+def preload() -> None:
+    """Import, on the main thread, what polls and fires import lazily."""
+    import mlflow  # noqa: F401
+    import ray  # noqa: F401
+    import ray.exceptions  # noqa: F401
+    import ray.job_submission  # noqa: F401
+
+    import jobs.config  # noqa: F401
+    import jobs.service.tracking  # noqa: F401
 
 
 def stamped_executor(max_workers: int = 4):
@@ -97,19 +133,33 @@ def sync(scheduler, store: ScheduleStore) -> None:
     save_fire_times(scheduler, store)
 
 
+def poll(scheduler, store: ScheduleStore) -> bool:
+    """One round: sync the jobs, refresh the runs. A fault is logged, never raised."""
+    try:
+        sync(scheduler, store)
+        refresh_all(store)
+        scheduler.wakeup()
+        return True
+    except Exception:  # the daemon's boundary: the next poll tries again
+        log.exception("poll failed; retrying in the next one")
+        return False
+
+
 def run_daemon(cfg: ScheduleConfig, stop: threading.Event | None = None) -> None:
+    preload()
     store = ScheduleStore(cfg.store)
     stop = stop or threading.Event()
     scheduler = build_scheduler(store)
     scheduler.start(paused=True)
     try:
-        sync(scheduler, store)
-        scheduler.resume()
-        log.info("scheduler up: store %s, %d schedule(s)", store.path, len(store.list()))
-        while not stop.wait(cfg.poll_seconds):
+        try:
             sync(scheduler, store)
-            refresh_all(store)
-            scheduler.wakeup()
+        except Exception:
+            log.exception("first sync failed; retrying in the next poll")
+        scheduler.resume()
+        log.info("scheduler up: store %s", store.path)
+        while not stop.wait(cfg.poll_seconds):
+            poll(scheduler, store)
     finally:
         scheduler.shutdown(wait=True)
         log.info("scheduler down")

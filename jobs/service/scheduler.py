@@ -23,7 +23,6 @@ from jobs.errors import JobError
 from jobs.service import submit
 from jobs.service.schedule_store import ACTIVE, Schedule, ScheduleStore
 
-FIRE = "jobs.service.scheduler:fire"
 log = logging.getLogger("moe_pretrain.scheduler")
 _DOW = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
