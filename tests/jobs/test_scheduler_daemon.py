@@ -32,9 +32,9 @@ def test_the_daemon_survives_a_corrupt_schedule_and_records_why_its_fire_failed(
     for name in ("healthy", "broken"):
         subprocess.run([CLI, "schedule", "add", name, "--every", "2", "--address", dead, *common],
                        check=True, capture_output=True, timeout=120)  # fmt: skip
-    log = open(tmp_path / "daemon.log", "w")
-    daemon = subprocess.Popen([CLI, "scheduler", *common], stdout=log, stderr=subprocess.STDOUT,
-                              start_new_session=True)  # fmt: skip
+    with open(tmp_path / "daemon.log", "w") as log:
+        daemon = subprocess.Popen([CLI, "scheduler", *common], stdout=log,
+                                  stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
     try:
         store = ScheduleStore(store_path)
         _wait(lambda: store.history("broken"), 120, "the daemon never fired")
@@ -52,4 +52,3 @@ def test_the_daemon_survives_a_corrupt_schedule_and_records_why_its_fire_failed(
     finally:
         os.killpg(daemon.pid, signal.SIGKILL)
         daemon.wait(timeout=30)
-        log.close()
