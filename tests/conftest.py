@@ -126,8 +126,9 @@ def mlflow_uri(mlflow_server, monkeypatch) -> str:
 @dataclass
 class RayCluster:
     address: str  # dashboard URL, what the Jobs API is reached at
-    token: str  # RAY_AUTH_TOKEN the cluster requires (token auth is on)
+    token: str  # the token the cluster requires (token auth is on)
     temp_dir: Path
+    home: Path  # the HOME it was started from: its token is in home/.ray/auth_token
 
 
 def _ray_cluster_pids(temp_dir: Path) -> list[int]:
@@ -146,7 +147,11 @@ def _ray_cluster_pids(temp_dir: Path) -> list[int]:
 def ray_cluster():
     """A real Ray head (``ray start --head --block``) with the Jobs API and token auth.
 
-    Every port is picked free so it never meets another cluster on this machine.
+    Started the way a user starts one: ``ray get-auth-token --generate`` writes
+    ``~/.ray/auth_token`` (here under a private HOME), then ``ray start --head``
+    finds it and turns token auth on; neither ``RAY_AUTH_MODE`` nor
+    ``RAY_AUTH_TOKEN`` is set. Every port is picked free so it never meets another
+    cluster on this machine.
     Stopped by killing ITS process group (and any process naming its temp dir):
     never ``ray stop``, which would kill every Ray on the machine.
     """
@@ -165,11 +170,17 @@ def ray_cluster():
         "--metrics-export-port", str(ports["metrics"]),
         "--num-cpus", "2", "--temp-dir", str(temp), "--disable-usage-stats",
     ]  # fmt: skip
-    token = uuid.uuid4().hex
+    home = temp / "home"
+    home.mkdir()
     # PATH as in an activated venv: job entrypoints run ``python`` from the cluster's env.
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "PATH": path}
-    env.pop("RAY_ADDRESS", None)
+    env = {**os.environ, "HOME": str(home), "PATH": path}
+    for name in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        env.pop(name, None)
+    ray = str(Path(sys.executable).parent / "ray")
+    subprocess.run([ray, "get-auth-token", "--generate"], env=env, check=True,
+                   capture_output=True, timeout=120)  # fmt: skip
+    token = (home / ".ray" / "auth_token").read_text().strip()
     address = f"http://127.0.0.1:{ports['dash']}"
     with open(temp / "start.log", "w") as log:
         proc = subprocess.Popen(
@@ -178,7 +189,7 @@ def ray_cluster():
         try:
             auth = {"Authorization": f"Bearer {token}"}
             wait_http(f"{address}/api/jobs/", timeout=240, proc=proc, headers=auth)
-            yield RayCluster(address, token, temp)
+            yield RayCluster(address, token, temp, home)
         finally:
             _kill_cluster(proc, temp)
     shutil.rmtree(temp, ignore_errors=True)

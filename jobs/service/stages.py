@@ -132,6 +132,8 @@ def train_stage(ctx: Context, data: StageOutcome) -> StageOutcome:
     init_path, init_id = resolve_init(ctx, data.outputs["manifest"])
     if init_id and init_id.startswith("upcycle:"):
         ctx.lineage["lineage.upcycled_from"] = init_id
+    elif init_id:  # a checkpoint URI, or the champion's model URI
+        ctx.lineage["lineage.init_from"] = init_id
     fp = stable_hash(
         {
             "dataset": data.fingerprint,
