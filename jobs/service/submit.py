@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from jobs.errors import JobError
-from jobs.security import IN_VALUE, split_secrets, strip_uri_credentials
+from jobs.security import IN_VALUE, redact_uri, split_secrets, strip_uri_credentials
 from jobs.service.config import ClusterConfig
 from jobs.service.lineage import GIT_ENV, git_commit
 
@@ -57,7 +57,7 @@ def resolve_address(explicit: str | None, cluster: ClusterConfig) -> str:
         raise JobError("no cluster address: pass --address http://HEAD:8265 or set cluster.address")
     if not address.startswith(("http://", "https://")):
         raise JobError(
-            f"cluster address must be http(s)://HEAD:PORT (the dashboard), got {address}"
+            f"cluster address must be http(s)://HEAD:PORT (the dashboard), got {redact_uri(address)}"
         )
     return address.rstrip("/")
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from jobs.service.cli_support import load_root, raw_tree
 from jobs.service.submit import build_submission, withheld_lines
 
@@ -50,3 +52,14 @@ def test_a_submission_ships_no_credential_and_names_what_it_withheld(tmp_path, m
     assert lines[2] == "cluster.pip[1] shipped without the credentials in its value"
     assert lines[-1] == "the job gets its credentials from the cluster's own environment"
     assert PLANTED not in "".join(lines)
+
+
+def test_a_refused_cluster_address_is_not_echoed_with_its_credentials(capsys, monkeypatch):
+    from jobs.cli import main
+
+    address = f"ray://admin:{PLANTED}@head:10001"
+    monkeypatch.setattr("sys.argv", ["moe-pretrain", "submit", "--address", address])
+    with pytest.raises(SystemExit) as done:
+        main()
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and "ray://***@head:10001" in err and PLANTED not in err
