@@ -130,8 +130,9 @@ def build_submission(
     shipped, withheld = split_secrets(tree)
     kept, more = split_secrets(cluster.model_dump(), "cluster")
     env, inherited = _runtime_env(ClusterConfig.model_validate(kept), submission_id)
+    env, rest = split_secrets(env, "runtime_env")  # this package's own requirements, say
     meta, in_meta = split_secrets({k: str(v) for k, v in (metadata_ or {}).items()}, "metadata")
-    names = withheld + more + inherited + in_meta
+    names = withheld + more + inherited + rest + in_meta
     return Submission(_entrypoint(shipped), env, meta, list(dict.fromkeys(names)))
 
 
@@ -165,7 +166,7 @@ def _runtime_env(cluster: ClusterConfig, submission_id: str | None) -> tuple[dic
     if inherited and "MLFLOW_TRACKING_URI" not in env_vars:
         env_vars["MLFLOW_TRACKING_URI"] = strip_uri_credentials(inherited)
         if env_vars["MLFLOW_TRACKING_URI"] != inherited:
-            withheld.append("$MLFLOW_TRACKING_URI (credentials in the value)")
+            withheld.append(f"$MLFLOW_TRACKING_URI{IN_VALUE}")
     env: dict[str, Any] = {
         "working_dir": str(work),
         "excludes": list(cluster.excludes),
