@@ -24,6 +24,7 @@ from jobs.errors import JobError
 
 # Redaction lives in ``pipeline`` (the manifest needs it too); re-exported for every caller here.
 from pipeline.redaction import (
+    IN_VALUE,
     REDACTED,
     is_credential,
     is_secret_key,
@@ -34,7 +35,7 @@ from pipeline.redaction import (
 )
 
 __all__ = [
-    "REDACTED", "PathEscapeError", "UnsafeLoadError", "ensure_within", "is_credential",
+    "IN_VALUE", "REDACTED", "PathEscapeError", "UnsafeLoadError", "ensure_within", "is_credential",
     "is_secret_key", "redact", "redact_uri", "safe_dcp_reader", "safe_join", "safe_torch_load",
     "split_secrets", "strip_uri_credentials",
 ]  # fmt: skip

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from pipeline.redaction import is_secret_key, redact
+from pipeline.redaction import is_secret_key, redact, redact_uri
 
 M = TypeVar("M", bound=BaseModel)
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
@@ -24,11 +24,20 @@ class ConfigError(ValueError):
     """A user's config is wrong: the message names the key and the problem."""
 
 
+def _shown(item: str) -> str:
+    """A malformed ``--set`` item as its error echoes it: never what could be a credential."""
+    if "=" in item:  # no key: all of it is the value
+        return "=..."
+    if any(is_secret_key(part) for part in item.split(".")):
+        return "(not shown: it may hold a credential)"
+    return redact_uri(item)
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """``"train.lr=3e-4"`` -> (["train", "lr"], 3e-4); the value is parsed as YAML."""
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
-        raise ConfigError(f"--set {item!r}: expected key.path=value")
+        raise ConfigError(f"--set {_shown(item)!r}: expected key.path=value")
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError:
@@ -45,7 +54,8 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
         for part in path[:-1]:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise ConfigError(f"--set {item!r}: {part!r} is a value, not a section")
+                key = ".".join(path)  # not the value: it may be a credential
+                raise ConfigError(f"--set {key}: {part!r} is a value, not a section")
             node = child
         node[path[-1]] = value
     return tree

@@ -19,6 +19,8 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 REDACTED = "***"
+# How ``split_secrets`` names a value that was shipped or stored with its credentials stripped.
+IN_VALUE = " (credentials in the value)"
 # Words that name a credential wherever they appear in a key (``aws_secret_access_key``,
 # ``RAY_AUTH_TOKEN``, ``DB_PASS``); whole words only, so ``tokenizer`` and ``monkey`` pass.
 _SECRET_WORDS = frozenset(
@@ -182,5 +184,5 @@ def split_secrets(tree: Any, path: str = "") -> tuple[Any, list[str]]:
     if isinstance(tree, str):
         stripped = strip_uri_credentials(tree)
         if stripped != tree:
-            return stripped, [f"{path} (credentials in the value)"]
+            return stripped, [f"{path}{IN_VALUE}"]
     return tree, []

@@ -32,9 +32,9 @@ def submit(
     tree = raw_tree(config, set_)
     cfg = load_root(config, set_)
     addr = sub.resolve_address(address, cfg.cluster)
-    sid, dropped = sub.submit_run(tree, cfg.cluster, addr, submission_id=submission_id)
-    for key in dropped:
-        typer.echo(f"warning: {key} not shipped to the cluster (a credential)", err=True)
+    sid, withheld = sub.submit_run(tree, cfg.cluster, addr, submission_id=submission_id)
+    for line in sub.withheld_lines(withheld):
+        typer.echo(f"warning: {line}", err=True)
     typer.echo(
         f"submitted to {addr}; follow with: moe-pretrain logs {sid} --follow -a {addr}", err=True
     )

@@ -88,8 +88,12 @@ def fire(name: str, store_path: str, scheduled_time: datetime | None = None) -> 
     try:
         cluster = _root(sched.tree).cluster
         meta = {"schedule": name, "scheduled_time": when}
-        submit.submit_run(sched.tree, cluster, sched.address, submission_id=sid, metadata_=meta)
+        _, withheld = submit.submit_run(
+            sched.tree, cluster, sched.address, submission_id=sid, metadata_=meta
+        )
         store.update(sid, status="PENDING")
+        for line in submit.withheld_lines(withheld):
+            log.info("%s: %s", sid, line)
     except submit.DuplicateSubmission:
         store.update(sid, status="PENDING", note="already on the cluster")
     except JobError as e:

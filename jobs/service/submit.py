@@ -3,9 +3,9 @@
 The job runs ``python -m jobs.service run`` from a copy of the working
 directory (``runtime_env.working_dir``, minus ``cluster.excludes``), with the
 config tree shipped inline, so a config file does not have to exist on the
-cluster. Keys that hold credentials are never shipped: the entrypoint and
-runtime_env are visible to anyone who can read the dashboard; give the
-cluster its secrets through its own environment.
+cluster. No credential is shipped (``build_submission``): the entrypoint,
+runtime_env and metadata are visible to anyone who can read the dashboard;
+give the cluster its secrets through its own environment.
 
 Auth: Ray 2.52+ clusters in token mode want ``Authorization: Bearer <token>``
 on every dashboard request. The SDK adds it only when this process runs in
@@ -25,11 +25,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from jobs.auth import ray_auth_headers
 from jobs.errors import JobError
-from jobs.security import is_secret_key
+from jobs.security import IN_VALUE, redact_uri, split_secrets, strip_uri_credentials
 from jobs.service.config import ClusterConfig
 from jobs.service.lineage import GIT_ENV, git_commit
 
@@ -59,7 +59,7 @@ def resolve_address(explicit: str | None, cluster: ClusterConfig) -> str:
         raise JobError("no cluster address: pass --address http://HEAD:8265 or set cluster.address")
     if not address.startswith(("http://", "https://")):
         raise JobError(
-            f"cluster address must be http(s)://HEAD:PORT (the dashboard), got {address}"
+            f"cluster address must be http(s)://HEAD:PORT (the dashboard), got {redact_uri(address)}"
         )
     return address.rstrip("/")
 
@@ -98,21 +98,6 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
-def strip_secrets(tree: Any, path: str = "") -> tuple[Any, list[str]]:
-    """A copy of ``tree`` without credential-named keys, and the dotted keys dropped."""
-    if not isinstance(tree, Mapping):
-        return tree, []
-    out, dropped = {}, []
-    for key, value in tree.items():
-        name = f"{path}.{key}" if path else str(key)
-        if is_secret_key(str(key)) and not isinstance(value, Mapping) and value not in (None, ""):
-            dropped.append(name)
-            continue
-        out[key], more = strip_secrets(value, name)
-        dropped += more
-    return out, dropped
-
-
 def project_requirements() -> list[str]:
     """This package's runtime dependencies, as installed (extras left out)."""
     try:
@@ -122,15 +107,68 @@ def project_requirements() -> list[str]:
     return [r for r in reqs if "extra ==" not in r]
 
 
+class Submission(NamedTuple):
+    """What goes to the job server, all of it readable on the dashboard: no credential."""
+
+    entrypoint: str
+    runtime_env: dict[str, Any]
+    metadata: dict[str, str]
+    withheld: list[str]  # dotted keys; `` (credentials in the value)`` where only stripped
+
+
+def build_submission(
+    tree: Mapping[str, Any],
+    cluster: ClusterConfig,
+    submission_id: str | None = None,
+    metadata_: Mapping[str, str] | None = None,
+) -> Submission:
+    """The job for ``run`` with the config ``tree``, stripped by key and by value.
+
+    A credential-named key (``data.s3.secret``, ``cluster.env_vars.AWS_SECRET_ACCESS_KEY``) is
+    left out; a value with credentials in it (``https://user:pw@host``, ``?sig=``, a
+    ``git+https://token@...`` in ``cluster.pip``, an inherited ``$MLFLOW_TRACKING_URI``) is
+    shipped without them. ``submit`` and the scheduler both submit what this returns.
+    """
+    shipped, withheld = split_secrets(tree)
+    kept, more = split_secrets(cluster.model_dump(), "cluster")
+    env, inherited = _runtime_env(ClusterConfig.model_validate(kept), submission_id)
+    env, rest = split_secrets(env, "runtime_env")  # this package's own requirements, say
+    meta, in_meta = split_secrets({k: str(v) for k, v in (metadata_ or {}).items()}, "metadata")
+    names = withheld + more + inherited + rest + in_meta
+    return Submission(_entrypoint(shipped), env, meta, list(dict.fromkeys(names)))
+
+
+def withheld_lines(withheld: list[str]) -> list[str]:
+    """What the CLI and the scheduler's log say about ``Submission.withheld`` (names only)."""
+    lines = [
+        f"{name.removesuffix(IN_VALUE)} shipped without the credentials in its value"
+        if name.endswith(IN_VALUE)
+        else f"{name} not shipped to the cluster (a credential)"
+        for name in withheld
+    ]
+    if lines:
+        lines.append("the job gets its credentials from the cluster's own environment")
+    return lines
+
+
 def runtime_env(cluster: ClusterConfig, submission_id: str | None) -> dict[str, Any]:
+    """The job's ``runtime_env`` (what ``build_submission`` ships: no credential)."""
+    return build_submission({}, cluster, submission_id).runtime_env
+
+
+def _runtime_env(cluster: ClusterConfig, submission_id: str | None) -> tuple[dict, list[str]]:
     work = Path(cluster.working_dir).resolve()
     if not work.is_dir():
         raise JobError(f"cluster.working_dir is not a folder: {cluster.working_dir}")
     env_vars = {GIT_ENV: git_commit(work), **cluster.env_vars}
     if submission_id:
         env_vars[SUBMISSION_ENV] = submission_id
-    if os.environ.get("MLFLOW_TRACKING_URI") and "MLFLOW_TRACKING_URI" not in env_vars:
-        env_vars["MLFLOW_TRACKING_URI"] = os.environ["MLFLOW_TRACKING_URI"]
+    withheld = []
+    inherited = os.environ.get("MLFLOW_TRACKING_URI")
+    if inherited and "MLFLOW_TRACKING_URI" not in env_vars:
+        env_vars["MLFLOW_TRACKING_URI"] = strip_uri_credentials(inherited)
+        if env_vars["MLFLOW_TRACKING_URI"] != inherited:
+            withheld.append(f"$MLFLOW_TRACKING_URI{IN_VALUE}")
     env: dict[str, Any] = {
         "working_dir": str(work),
         "excludes": list(cluster.excludes),
@@ -139,10 +177,10 @@ def runtime_env(cluster: ClusterConfig, submission_id: str | None) -> dict[str, 
     pip = (project_requirements() if cluster.install_project_deps else []) + list(cluster.pip)
     if pip:
         env["pip"] = pip
-    return env
+    return env, withheld
 
 
-def entrypoint(tree: Mapping[str, Any]) -> str:
+def _entrypoint(tree: Mapping[str, Any]) -> str:
     return f"python -m jobs.service run --config-json {shlex.quote(json.dumps(tree))}"
 
 
@@ -153,21 +191,20 @@ def submit_run(
     submission_id: str | None = None,
     metadata_: Mapping[str, str] | None = None,
 ) -> tuple[str, list[str]]:
-    """Submit ``run`` with the config ``tree``; returns (submission id, keys not shipped).
+    """Submit ``build_submission(...)``; returns (submission id, what was withheld).
 
     A ``submission_id`` that the cluster already knows raises ``DuplicateSubmission``:
     that is how a repeated trigger of the same scheduled run is refused.
     """
-    shipped, dropped = strip_secrets(tree)
-    env = runtime_env(cluster, submission_id)
+    job = build_submission(tree, cluster, submission_id, metadata_)
     c = client(address)
     with _errors(f"submit to {address}"):
         try:
             sid = c.submit_job(
-                entrypoint=entrypoint(shipped),
+                entrypoint=job.entrypoint,
                 submission_id=submission_id,
-                runtime_env=env,
-                metadata={k: str(v) for k, v in (metadata_ or {}).items()},
+                runtime_env=job.runtime_env,
+                metadata=job.metadata,
                 entrypoint_num_cpus=cluster.entrypoint_num_cpus or None,
             )
         except RuntimeError as e:
@@ -175,7 +212,7 @@ def submit_run(
             if submission_id and "already exists" in str(e):
                 raise DuplicateSubmission(f"submission id {submission_id} already exists") from None
             raise
-    return sid, dropped
+    return sid, job.withheld
 
 
 def job_info(address: str, submission_id: str) -> JobInfo:

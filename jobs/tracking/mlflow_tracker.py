@@ -164,7 +164,7 @@ class MlflowTracker:
             except Exception as e:
                 if self.run_id is not None and not _transient(e):
                     log.warning(
-                        "MLflow rejected an item, dropping it: %s", redact_uri(str(e)[:300])
+                        "MLflow rejected an item, dropping it: %s", redact_uri(str(e))[:300]
                     )
                     self._pending.pop(0)
                     self.dropped += 1
@@ -173,7 +173,7 @@ class MlflowTracker:
                     log.warning(
                         "MLflow at %s unreachable (%s); training goes on, metrics are kept",
                         self.shown_uri,
-                        redact_uri(str(e).splitlines()[0][:200]),
+                        redact_uri(str(e).splitlines()[0])[:200],
                     )
                     self._warned = True
                 return
@@ -229,7 +229,7 @@ class MlflowTracker:
             )
             self._monitor.start()
         except Exception as e:
-            log.warning("MLflow system metrics are off: %s", e)
+            log.warning("MLflow system metrics are off: %s", redact_uri(str(e)))
 
     def _deliver(self) -> None:
         while self._pending:
@@ -286,7 +286,7 @@ class MlflowTracker:
         try:
             self._client.set_terminated(self.run_id, status=self._status)
         except Exception as e:
-            log.warning("could not end MLflow run %s: %s", self.run_id, e)
+            log.warning("could not end MLflow run %s: %s", self.run_id, redact_uri(str(e)))
 
     def _spool(self) -> None:
         path = self.spool_dir / "pending.jsonl"

@@ -245,3 +245,26 @@ def test_the_trainer_puts_no_credential_in_a_runtime_env(monkeypatch):
     forwarded = driver._forwarded_env()
     assert forwarded.get("MLFLOW_TRACKING_URI") == "http://mlflow:5000"
     assert "PLANTED-PASSWORD" not in str(forwarded)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["data.s3.secret:PLANTED"],
+        ["data.s3.secret PLANTED.x"],
+        ["=PLANTED"],
+        ["tracking.uri http://u:PLANTED@mlflow"],
+        ["data.s3=x", "data.s3.secret=PLANTED"],
+    ],
+)
+def test_a_malformed_set_never_echoes_a_credential(overrides, capsys, monkeypatch, tmp_path):
+    """``--set`` errors name the item or its key, never a value that could be a secret."""
+    from jobs.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    sets = [f"--set={o}" for o in overrides]
+    monkeypatch.setattr("sys.argv", ["moe-pretrain", "run", *sets])
+    with pytest.raises(SystemExit) as done:
+        main()
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and err.startswith("error: --set ") and "PLANTED" not in err

@@ -86,13 +86,15 @@ def test_the_pipelines_runs_log_no_secret(mlflow_uri):
     _assert_clean(_everything_logged(runs.client, run_id))
 
 
-def test_the_tracker_never_logs_the_tracking_uris_userinfo(tmp_path, caplog):
-    """A server that is down makes the tracker warn, naming the server without its password."""
+@pytest.mark.parametrize("password", [PLANTED, PLANTED + "x" * 300], ids=["short", "long"])
+def test_the_tracker_never_logs_the_tracking_uris_userinfo(password, tmp_path, caplog):
+    """A server that is down makes the tracker warn, naming the server without its password
+    (also when the error quoting the URI is cut short: redacted first, then cut)."""
     from servers import free_port
 
     from jobs.tracking.mlflow_tracker import MlflowTracker
 
-    uri = f"http://pipeline:{PLANTED}@127.0.0.1:{free_port()}"
+    uri = f"http://pipeline:{password}@127.0.0.1:{free_port()}"
     with caplog.at_level("WARNING", logger="jobs.tracking.mlflow_tracker"):
         tracker = MlflowTracker(
             uri=uri, experiment="security", run_name="uri-secrets", system_metrics=False,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -55,11 +56,14 @@ def test_submit_status_logs_of_a_run(authed, tmp_path):
     out = cli(
         "submit", "--address", authed.address, "--config", str(config),
         "--set", "data.s3.secret=hunter2", "--set", "storage.root=/tmp/moe-submit-test",
+        "--set", "cluster.env_vars.AWS_SECRET_ACCESS_KEY=hunter2",
+        "--set", "cluster.env_vars.MOE_MIRROR=https://u:hunter2@mirror.example",
         env=env,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     sid = out.stdout.strip().splitlines()[-1]
     assert "data.s3.secret not shipped" in out.stderr
+    assert "MOE_MIRROR shipped without the credentials" in out.stderr
 
     assert wait_done(authed.address, sid) == "FAILED"
     status = cli("status", sid, "--address", authed.address, env=env)
@@ -67,7 +71,8 @@ def test_submit_status_logs_of_a_run(authed, tmp_path):
     logs = cli("logs", sid, "--address", authed.address, env=env).stdout
     assert "error:" in logs and missing in logs
     info = submit.client(authed.address).get_job_info(sid)
-    assert "hunter2" not in info.entrypoint and "hunter2" not in str(info.runtime_env)
+    shipped = json.dumps([info.entrypoint, info.runtime_env, info.metadata])
+    assert "hunter2" not in shipped and "mirror.example" in shipped
     followed: list[str] = []
     submit.follow_logs(authed.address, sid, write=followed.append)
     assert missing in "".join(followed)
