@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import logging
 import re
+import threading
 from datetime import datetime, timezone
 from typing import Any
 
@@ -24,6 +25,9 @@ from jobs.service import submit
 from jobs.service.schedule_store import ACTIVE, Schedule, ScheduleStore
 
 log = logging.getLogger("moe_pretrain.scheduler")
+# Submission ids that a fire in this process is submitting (see ``refresh_run``).
+_in_flight: set[str] = set()
+_lock = threading.Lock()
 _DOW = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
@@ -83,6 +87,17 @@ def fire(name: str, store_path: str, scheduled_time: datetime | None = None) -> 
         store.record(name, when, sid, "SKIPPED", f"previous run {busy} still running")
         log.info("%s: skipped, %s still running", sid, busy)
         return "SKIPPED"
+    with _lock:
+        _in_flight.add(sid)
+    try:
+        return _submit(store, sched, sid, when)
+    finally:
+        with _lock:
+            _in_flight.discard(sid)
+
+
+def _submit(store: ScheduleStore, sched: Schedule, sid: str, when: str) -> str:
+    name = sched.name
     if not store.record(name, when, sid, "SUBMITTING"):
         return "duplicate"
     try:
@@ -119,9 +134,16 @@ def _still_running(store: ScheduleStore, sched: Schedule) -> str | None:
 
 
 def refresh_run(store: ScheduleStore, sched: Schedule | None, sid: str) -> str:
-    """Ask Ray for a run's status; when it has ended, look up its MLflow outcome."""
+    """Ask Ray for a run's status; when it has ended, look up its MLflow outcome.
+
+    A run this process is submitting right now is not asked about: Ray does not know
+    it yet, and its "does not exist" would mark it LOST while it is being submitted.
+    """
     if sched is None:
         return "UNKNOWN"
+    with _lock:
+        if sid in _in_flight:
+            return "SUBMITTING"
     try:
         status = submit.job_info(sched.address, sid).status
     except JobError as e:

@@ -81,8 +81,14 @@ def job_config(tmp_path: Path, inputs: list[str], **sections) -> Path:
         "tracking": {"experiment": name},
         "data": {"inputs": inputs, "seq_len": 64, "vocab_size": 1024},
         "model": {"preset": "debug"},  # its own vocab_size is 512: the dataset's wins
-        "train": {"max_steps": 6, "warmup_steps": 2, "log_every": 2, "eval_every": 6,
-                  "checkpoint_every": 6, "micro_batch_size": 8},  # fmt: skip
+        "train": {
+            "max_steps": 6,
+            "warmup_steps": 2,
+            "log_every": 2,
+            "eval_every": 6,
+            "checkpoint_every": 6,
+            "micro_batch_size": 8,
+        },  # fmt: skip
         "evaluate": {"max_batches": 2, "max_new_tokens": 4},
         "registry": {"model_name": name},
         "cluster": {"working_dir": str(REPO)},
