@@ -3,7 +3,9 @@
 A record is ``(text, line, offset, reason, detail)``: ``reason`` is None for
 a usable document, else a code from ``pipeline.quarantine.REASONS``; ``line``
 (1-based; the element index in a JSON array, the row in Parquet) and
-``offset`` (byte offset in the decompressed stream) say where it came from. A
+``offset`` (byte offset in the decompressed stream) say where it came from.
+JSON nested deeper than ``json_stream.MAX_DEPTH`` is ``invalid_json``: never
+handed to the recursive ``json.loads``. A
 bad line never stops the lines after it; damage that ends a file (truncated
 gzip/zstd, I/O error) keeps every record before it and adds one record for it.
 """
@@ -20,12 +22,14 @@ import pyarrow.parquet as pq
 from pipeline import builtin_corpus
 from pipeline.compression import BinaryFile, Damage, LineSplitter, decompressed_chunks, open_raw
 from pipeline.config import PrepareConfig
+from pipeline.json_stream import MAX_DEPTH, ArraySplitter, too_deep
 from pipeline.quarantine import snippet
 from pipeline.sources import SourceFile
 
 Record = tuple[str | None, int | None, int | None, str | None, str | None]
 BINARY_PROBE = 8192
 TOO_LONG_LINE = "line longer than 4 * data.clean.max_chars bytes"
+TOO_LONG_ELEMENT = "JSON array element longer than 4 * data.clean.max_chars bytes"
 
 
 def read_records(src: SourceFile, cfg: PrepareConfig) -> Iterator[Record]:
@@ -129,6 +133,15 @@ def _json_record(line: bytes, line_no: int, offset: int, field: str) -> Record:
     text, _, bad, reason, detail = _decode(line, line_no, offset)
     if reason is not None:
         return text, line_no, bad, reason, detail
+    depth = too_deep(line)
+    if depth is not None:
+        return (
+            snippet(text),
+            line_no,
+            offset,
+            "invalid_json",
+            f"nested {depth} deep (limit {MAX_DEPTH})",
+        )
     try:
         obj = json.loads(text)
     except ValueError as e:
@@ -150,7 +163,7 @@ def _field(obj: Any, field: str, raw: str | None, line: int, offset: int | None)
 
 
 def _json(src: SourceFile, cfg: PrepareConfig) -> Iterator[Record]:
-    """A ``.json`` file is one array of objects (read whole), or else JSON Lines."""
+    """A ``.json`` file is one array of objects (streamed element by element), or JSON Lines."""
     head = b""
     for chunk in _text_chunks(src, cfg):
         head = chunk.lstrip()
@@ -159,23 +172,14 @@ def _json(src: SourceFile, cfg: PrepareConfig) -> Iterator[Record]:
     if not head.startswith(b"["):
         yield from _jsonl(src, cfg)
         return
-    buf = bytearray()
-    for chunk in _text_chunks(src, cfg):
-        buf += chunk
-        if len(buf) > _max_bytes(cfg):
-            yield None, None, 0, "too_long", f"JSON array file longer than {_max_bytes(cfg)} bytes"
-            return
-    text, _, bad, reason, detail = _decode(bytes(buf), None, 0)
-    if reason is not None:
-        yield text, None, bad, reason, detail
-        return
-    try:
-        items = json.loads(text)
-    except ValueError as e:
-        yield snippet(text), None, 0, "invalid_json", str(e)[:200]
-        return
-    for i, obj in enumerate(items):
-        yield _field(obj, cfg.text_field, snippet(json.dumps(obj)), i + 1, None)
+    splitter = ArraySplitter(_max_bytes(cfg))
+    for index, offset, data, problem in splitter.elements(_text_chunks(src, cfg)):
+        if problem is not None:
+            yield None, index, offset, "invalid_json", problem
+        elif data is None:
+            yield None, index, offset, "too_long", TOO_LONG_ELEMENT
+        else:
+            yield _json_record(data, index, offset, cfg.text_field)
 
 
 def _parquet(src: SourceFile, cfg: PrepareConfig) -> Iterator[Record]:
