@@ -65,8 +65,8 @@ def _decode(data: bytes, line: int | None, offset: int | None) -> Record:
 
 def _text_chunks(src: SourceFile, cfg: PrepareConfig) -> Iterator[bytes]:
     """Decompressed chunks of a text-like file; a NUL byte up front marks it binary."""
-    with open_raw(src, cfg.s3) as raw:
-        chunks = decompressed_chunks(raw, src.compression)
+    with open_raw(src, cfg.s3, cfg.max_file_bytes) as raw:
+        chunks = decompressed_chunks(raw, src.compression, cfg.max_file_bytes)
         head, damage = b"", None
         try:
             for chunk in chunks:
@@ -184,7 +184,7 @@ def _json(src: SourceFile, cfg: PrepareConfig) -> Iterator[Record]:
 
 def _parquet(src: SourceFile, cfg: PrepareConfig) -> Iterator[Record]:
     field = cfg.text_field
-    with open_raw(src, cfg.s3, seekable=True) as f:
+    with open_raw(src, cfg.s3, cfg.max_file_bytes, seekable=True) as f:
         try:
             pf = pq.ParquetFile(f)
         except (pa.ArrowException, ValueError) as e:
@@ -197,14 +197,39 @@ def _parquet(src: SourceFile, cfg: PrepareConfig) -> Iterator[Record]:
         if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
             yield None, None, None, "non_string_field", f"column {field!r} is {kind}"
             return
+        groups, rows = _row_groups_within(pf, field, cfg.max_file_bytes)
         row = 0
-        for batch in pf.iter_batches(columns=[field], batch_size=1024):
+        for batch in pf.iter_batches(columns=[field], batch_size=1024, row_groups=groups):
             for value in batch.column(0).to_pylist():
                 row += 1
                 if value is None:
                     yield None, row, None, "missing_field", f"null {field!r}"
                 else:
                     yield value, row, None, None, None
+        if len(groups) < pf.num_row_groups:
+            detail = f"column {field!r} decompresses to more than data.max_file_bytes"
+            yield (
+                None,
+                rows + 1,
+                None,
+                "too_large",
+                f"{detail} ({cfg.max_file_bytes}); the rest of the file is skipped",
+            )
+
+
+def _row_groups_within(pf: pq.ParquetFile, field: str, limit: int) -> tuple[list[int], int]:
+    """The leading row groups whose text column decompresses to ``limit`` bytes in all
+    (by the sizes the footer declares, before anything is decompressed), and their rows."""
+    total, rows, groups = 0, 0, []
+    for i in range(pf.num_row_groups):
+        meta = pf.metadata.row_group(i)
+        columns = (meta.column(j) for j in range(meta.num_columns))
+        total += sum(c.total_uncompressed_size for c in columns if c.path_in_schema == field)
+        if total > limit:
+            break
+        groups.append(i)
+        rows += meta.num_rows
+    return groups, rows
 
 
 def _pydoc(src: SourceFile, cfg: PrepareConfig) -> Iterator[Record]:

@@ -6,14 +6,34 @@ it is kept, or refused with a one-line error before any folder is created.
 
 from __future__ import annotations
 
+import gzip
 import json
 import random
+import subprocess
+import sys
 from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zstandard
 
 from pipeline.prepare import prepare
 from pipeline.reader import DatasetReader
 from tests.pipeline.conftest import document, tiny_config, write_jsonl
 
+REPO = Path(__file__).resolve().parents[2]
+BOMB_BYTES = 1536 << 20
+# Runs prepare in a fresh process and reports what it kept and its own peak RSS (KiB).
+PREPARE_AND_MEASURE = """
+import json, resource, sys
+from pipeline.prepare import prepare
+from tests.pipeline.conftest import tiny_config
+cfg = tiny_config([sys.argv[1]], max_file_bytes=int(sys.argv[3]))
+m = prepare(cfg, sys.argv[2], progress=False, executor="local").manifest
+docs = sum(s["documents"] for s in m["splits"].values())
+rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"docs": docs, "reasons": m["quarantine"]["by_reason"], "rss_kib": rss}))
+"""
 DEEP_LIST = b'{"text": ' + b"[" * 1000 + b"]" * 1000 + b"}"
 DEEP_DICT = b"[" * 1000 + b'{"text": "x"}' + b"]" * 1000
 
@@ -89,3 +109,65 @@ def test_heldout_eval_files_skip_deep_json(tmp_path):
     rows = heldout_set([str(path)], data, tok, 2, EvaluateConfig(batch_size=1, max_batches=1000))
     want = sum(len(tok.encode(g["text"]).ids) + 1 for g in good) // 8
     assert rows is not None and rows.rows.shape == (want, 8)
+
+
+def write_bombs(folder: Path) -> None:
+    """1.5 GB of one JSON line that never ends, gzip (~7 MB) and zstd (~50 KB) compressed."""
+    block = b"a" * (1 << 20)
+    with gzip.open(folder / "bomb.jsonl.gz", "wb", compresslevel=1) as g:
+        g.write(b'{"text": "')
+        for _ in range(BOMB_BYTES // len(block)):
+            g.write(block)
+    with (
+        open(folder / "bomb.jsonl.zst", "wb") as f,
+        zstandard.ZstdCompressor().stream_writer(f) as z,
+    ):
+        z.write(b'{"text": "')
+        for _ in range(BOMB_BYTES // len(block)):
+            z.write(block)
+
+
+def run_measured(corpus: Path, out: Path, max_file_bytes: int) -> dict:
+    proc = subprocess.run(
+        [sys.executable, "-c", PREPARE_AND_MEASURE, str(corpus), str(out), str(max_file_bytes)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_decompression_bombs_are_too_large_and_memory_stays_flat(tmp_path):
+    rng = random.Random(6)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    write_jsonl(corpus / "good.jsonl", [{"text": document(rng)} for _ in range(20)])
+    limit = 1 << 30
+    base = run_measured(corpus, tmp_path / "base", limit)
+    write_bombs(corpus)
+    bombed = run_measured(corpus, tmp_path / "bombed", limit)
+    assert bombed["docs"] == base["docs"] == 20
+    assert bombed["reasons"] == {"too_large": 2}
+    assert bombed["rss_kib"] - base["rss_kib"] < 1 << 20, (base, bombed)
+
+
+def test_parquet_past_max_file_bytes_keeps_the_row_groups_before(tmp_path):
+    rng = random.Random(7)
+    docs = [document(rng) for _ in range(20)]
+    root = tmp_path / "corpus"
+    root.mkdir()
+    table = pa.table({"text": docs + ["z" * 400_000] * 4})
+    pq.write_table(table, root / "rows.parquet", row_group_size=10, compression="zstd")
+    spooled = pa.BufferOutputStream()
+    pq.write_table(pa.table({"text": ["z" * 400_000] * 4}), spooled, compression="none")
+    (root / "more.parquet.gz").write_bytes(gzip.compress(spooled.getvalue().to_pybytes()))
+    cfg = tiny_config([str(root)], max_file_bytes=200_000)
+    result = prepare(cfg, str(tmp_path / "out"), False, "local")
+    assert documents(result) == 20
+    bad = quarantined(result, tmp_path / "out")
+    assert [(r["reason"], r["source"].rsplit("/", 1)[-1], r["line"]) for r in bad] == [
+        ("too_large", "more.parquet.gz", None),
+        ("too_large", "rows.parquet", 21),
+    ]
