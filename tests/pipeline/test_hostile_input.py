@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 import zstandard
 
 from pipeline.prepare import prepare
@@ -171,3 +172,18 @@ def test_parquet_past_max_file_bytes_keeps_the_row_groups_before(tmp_path):
         ("too_large", "more.parquet.gz", None),
         ("too_large", "rows.parquet", 21),
     ]
+
+
+def test_tokenizer_with_an_id_past_vocab_size_is_refused_before_any_folder(tmp_path):
+    from tokenizers import Tokenizer, models
+
+    from pipeline.errors import PipelineError
+
+    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, "a": 3, "b": 70000}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "a.txt").write_text("a b a b")
+    cfg = tiny_config([str(tmp_path / "a.txt")], tokenizer=str(tmp_path), vocab_size=65535)
+    with pytest.raises(PipelineError, match=r"^data.vocab_size: .* token id 70000, .*uint16"):
+        prepare(cfg, str(tmp_path / "out"), False, "local")
+    assert not (tmp_path / "out").exists()
