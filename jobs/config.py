@@ -94,3 +94,14 @@ class RootConfig(Section):
     registry: RegistryConfig = RegistryConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     cluster: ClusterConfig = ClusterConfig()
+
+    @model_validator(mode="after")
+    def _samples_fit_the_context(self) -> RootConfig:
+        # A sample is at least one prompt token plus the new ones, within max_seq_len.
+        limit = self.model.build().max_seq_len
+        if self.train.sample_max_new_tokens >= limit:
+            raise ValueError(
+                f"config key 'train.sample_max_new_tokens': must be below model.max_seq_len "
+                f"({limit}), got {self.train.sample_max_new_tokens}"
+            )
+        return self

@@ -11,6 +11,11 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+# RoPE tables are precomputed for every position (layers.RotaryEmbedding), so a hostile
+# ``max_position_embeddings`` of 10^9 would allocate gigabytes; 2^20 is past any released
+# Mixtral-style model's context.
+MAX_SEQ_LEN = 1 << 20
+
 
 @dataclass
 class ModelConfig:
@@ -136,6 +141,8 @@ def _validate(c: ModelConfig) -> None:
         value = getattr(c, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+    if c.max_seq_len > MAX_SEQ_LEN:
+        raise ValueError(f"max_seq_len: must be at most {MAX_SEQ_LEN}, got {c.max_seq_len}")
     if c.hidden_size % c.num_heads:
         raise ValueError(
             f"hidden_size: must be divisible by num_heads ({c.num_heads}), got {c.hidden_size}"

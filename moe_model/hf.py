@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from moe_model.config import ModelConfig
+from moe_model.config import MAX_SEQ_LEN, ModelConfig
 from moe_model.model import MoETransformer
 
 WEIGHTS = "model.safetensors"
@@ -129,6 +129,9 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     head_dim = hf.get("head_dim")
     if head_dim is not None and head_dim * num_heads != hidden:
         raise ValueError(f"head_dim: must equal hidden_size / num_attention_heads, got {head_dim}")
+    positions = hf.get("max_position_embeddings", 4096)
+    if isinstance(positions, int) and positions > MAX_SEQ_LEN:
+        raise ValueError(f"max_position_embeddings: must be at most {MAX_SEQ_LEN}, got {positions}")
     base = dict(hf.get(EXTRA_KEY) or {})
     base.update(
         vocab_size=hf["vocab_size"],
@@ -141,7 +144,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         top_k=hf["num_experts_per_tok"],
         rope_theta=float(theta),
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
-        max_seq_len=hf.get("max_position_embeddings", 4096),
+        max_seq_len=positions,
         sliding_window=hf.get("sliding_window"),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
     )

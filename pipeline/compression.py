@@ -3,6 +3,11 @@
 Truncation must be loud: ``zstandard``'s stream reader returns a short read
 at the end of a truncated frame instead of raising, so zstd goes through a
 ``decompressobj`` whose ``eof`` flag tells a finished frame from a cut one.
+
+Output must be bounded: a zstd RLE block turns 4 bytes into 128 KiB, so the
+``decompressobj`` (which has no output limit) is fed ``ZSTD_FEED`` bytes at a
+time, at most 32 MiB out per call; gzip's ``read1`` is bounded by itself. A
+stream that passes ``max_bytes`` decompressed raises ``TooLarge``.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from pipeline.sources import SourceFile
 from pipeline.storage import filesystem
 
 CHUNK = 1 << 20
+ZSTD_FEED = 1 << 10
 
 
 class Damage(Exception):
@@ -41,31 +47,47 @@ class BinaryFile(Damage):
     reason = "binary_file"
 
 
+class TooLarge(Damage):
+    reason = "too_large"
+
+
 @contextmanager
-def open_raw(src: SourceFile, s3: S3Options | None, seekable: bool = False) -> Iterator[IO[bytes]]:
-    """The file's bytes; ``seekable`` spools a compressed file to a local temp file first."""
+def open_raw(
+    src: SourceFile, s3: S3Options | None, max_bytes: int, seekable: bool = False
+) -> Iterator[IO[bytes]]:
+    """The file's bytes; ``seekable`` spools a compressed file (at most ``max_bytes``
+    decompressed) to a local temp file first."""
     fs, path = filesystem(src.uri, s3)
     with fs.open(path, "rb") as f:
         if not (seekable and src.compression):
             yield f
             return
         with tempfile.TemporaryFile() as tmp:
-            for chunk in decompressed_chunks(f, src.compression):
+            for chunk in decompressed_chunks(f, src.compression, max_bytes):
                 tmp.write(chunk)
             tmp.seek(0)
             yield tmp
 
 
-def decompressed_chunks(raw: IO[bytes], compression: str | None) -> Iterator[bytes]:
+def decompressed_chunks(raw: IO[bytes], compression: str | None, max_bytes: int) -> Iterator[bytes]:
+    """Chunks of at most ``CHUNK`` bytes; ``TooLarge`` once they pass ``max_bytes`` in all."""
     if compression is None:
-        while chunk := raw.read(CHUNK):
-            yield chunk
+        chunks: Iterator[bytes] = iter(lambda: raw.read(CHUNK), b"")
     elif compression == "gzip":
-        yield from _gzip_chunks(raw)
+        chunks = _gzip_chunks(raw)
     elif compression == "zstd":
-        yield from _zstd_chunks(raw)
+        chunks = _zstd_chunks(raw)
     else:
         raise AssertionError(compression)
+    total = 0
+    for chunk in chunks:
+        total += len(chunk)
+        if total > max_bytes:
+            raise TooLarge(
+                f"more than data.max_file_bytes ({max_bytes}) bytes decompressed; "
+                "the rest of the file is skipped"
+            )
+        yield chunk
 
 
 def _gzip_chunks(raw: IO[bytes]) -> Iterator[bytes]:
@@ -85,16 +107,16 @@ def _gzip_chunks(raw: IO[bytes]) -> Iterator[bytes]:
 def _zstd_chunks(raw: IO[bytes]) -> Iterator[bytes]:
     dctx = zstandard.ZstdDecompressor()
     dobj, in_frame, out = dctx.decompressobj(), False, 0
-    while data := raw.read(CHUNK):
+    while data := raw.read(ZSTD_FEED):
         while data:
             try:
                 chunk = dobj.decompress(data)
             except zstandard.ZstdError as e:
                 raise CorruptCompression(f"zstd: {e} after {out} bytes") from None
             in_frame = True
-            if chunk:
-                out += len(chunk)
-                yield chunk
+            for start in range(0, len(chunk), CHUNK):
+                yield chunk[start : start + CHUNK]
+            out += len(chunk)
             if not dobj.eof:
                 break
             data, dobj, in_frame = dobj.unused_data, dctx.decompressobj(), False

@@ -92,6 +92,12 @@ class PrepareConfig(_Section):
         "file", description="A .txt file is one document, or one per blank-line paragraph."
     )
     clean: CleanConfig = CleanConfig()
+    max_file_bytes: int = Field(
+        4 << 30,
+        gt=0,
+        description="Decompressed bytes read from one file (a zip bomb's bound): past it the "
+        "rest of the file is quarantined (too_large); the records before it are kept.",
+    )
     dedup: bool = Field(True, description="Drop exact duplicates (after cleaning) corpus-wide.")
     max_documents: int | None = Field(
         None, gt=0, description="Keep the first N documents (stable order) after dedup."

@@ -103,19 +103,20 @@ def prepare(
     the same stages in this process without Ray (tests, benchmarks). ``force`` rebuilds
     in full, in place, even when the dataset is committed or could extend an earlier one."""
     start = time.monotonic()
-    # A missing input is the user's error: say so before the lock touches the storage root.
+    # A missing input or a bad tokenizer is the user's error: say so before the lock
+    # touches the storage root.
     sources = list_sources(cfg.inputs, cfg.s3)
+    identity = tokenizer_identity(cfg)
     # Two prepares of one dataset name would delete each other's files (the tidy step
     # removes what its own manifest does not list): the second waits, then is a cache hit.
     with storage_lock(datasets_uri(root, cfg) + ".lock", cfg.s3):
-        plan = _plan(cfg, root, force, sources)
+        plan = _plan(cfg, root, force, sources, identity)
         if plan.committed is not None:
             return PrepareResult(plan.uri, plan.committed, True, time.monotonic() - start)
         return _build(cfg, plan, executor, progress, start)
 
 
-def _plan(cfg: PrepareConfig, root: str, force: bool, sources: list) -> _Plan:
-    identity = tokenizer_identity(cfg)
+def _plan(cfg: PrepareConfig, root: str, force: bool, sources: list, identity: str) -> _Plan:
     fp = fingerprint(sources, cfg, identity)
     plan = _Plan(sources, identity, fp, dataset_uri(root, cfg, fp))
     if force:

@@ -18,7 +18,7 @@ from pipeline.storage import commit_file, join
 
 REASONS = {
     "invalid_utf8": "bytes that do not decode as UTF-8 (offset = first bad byte)",
-    "invalid_json": "a JSON line (or .json file) that does not parse",
+    "invalid_json": "a JSON line or array element that does not parse, or nests over 128 deep",
     "missing_field": "the text field/column is absent or null",
     "non_string_field": "the text field/column holds a non-string value",
     "empty": "nothing left after cleaning",
@@ -27,6 +27,7 @@ REASONS = {
     "repetitive": "too many characters in duplicated lines (data.clean.max_repeated_line_fraction)",
     "low_alpha": "too few letters among non-space characters (data.clean.min_alpha_fraction)",
     "binary_file": "a NUL byte in the first 8 KiB of a text/JSON file",
+    "too_large": "a file past data.max_file_bytes decompressed (records before that are kept)",
     "corrupt_compression": "a gzip/zstd stream that is truncated or corrupt (records before it are kept)",
     "unreadable_file": "the file cannot be opened or read (permissions, I/O error, bad Parquet)",
     "unparseable_source": "a built-in corpus source file that Python cannot parse",

@@ -3,7 +3,9 @@
 A record is ``(text, line, offset, reason, detail)``: ``reason`` is None for
 a usable document, else a code from ``pipeline.quarantine.REASONS``; ``line``
 (1-based; the element index in a JSON array, the row in Parquet) and
-``offset`` (byte offset in the decompressed stream) say where it came from. A
+``offset`` (byte offset in the decompressed stream) say where it came from.
+JSON nested deeper than ``json_stream.MAX_DEPTH`` is ``invalid_json``: never
+handed to the recursive ``json.loads``. A
 bad line never stops the lines after it; damage that ends a file (truncated
 gzip/zstd, I/O error) keeps every record before it and adds one record for it.
 """
@@ -20,12 +22,14 @@ import pyarrow.parquet as pq
 from pipeline import builtin_corpus
 from pipeline.compression import BinaryFile, Damage, LineSplitter, decompressed_chunks, open_raw
 from pipeline.config import PrepareConfig
+from pipeline.json_stream import MAX_DEPTH, ArraySplitter, too_deep
 from pipeline.quarantine import snippet
 from pipeline.sources import SourceFile
 
 Record = tuple[str | None, int | None, int | None, str | None, str | None]
 BINARY_PROBE = 8192
 TOO_LONG_LINE = "line longer than 4 * data.clean.max_chars bytes"
+TOO_LONG_ELEMENT = "JSON array element longer than 4 * data.clean.max_chars bytes"
 
 
 def read_records(src: SourceFile, cfg: PrepareConfig) -> Iterator[Record]:
@@ -61,8 +65,8 @@ def _decode(data: bytes, line: int | None, offset: int | None) -> Record:
 
 def _text_chunks(src: SourceFile, cfg: PrepareConfig) -> Iterator[bytes]:
     """Decompressed chunks of a text-like file; a NUL byte up front marks it binary."""
-    with open_raw(src, cfg.s3) as raw:
-        chunks = decompressed_chunks(raw, src.compression)
+    with open_raw(src, cfg.s3, cfg.max_file_bytes) as raw:
+        chunks = decompressed_chunks(raw, src.compression, cfg.max_file_bytes)
         head, damage = b"", None
         try:
             for chunk in chunks:
@@ -129,6 +133,15 @@ def _json_record(line: bytes, line_no: int, offset: int, field: str) -> Record:
     text, _, bad, reason, detail = _decode(line, line_no, offset)
     if reason is not None:
         return text, line_no, bad, reason, detail
+    depth = too_deep(line)
+    if depth is not None:
+        return (
+            snippet(text),
+            line_no,
+            offset,
+            "invalid_json",
+            f"nested {depth} deep (limit {MAX_DEPTH})",
+        )
     try:
         obj = json.loads(text)
     except ValueError as e:
@@ -150,7 +163,7 @@ def _field(obj: Any, field: str, raw: str | None, line: int, offset: int | None)
 
 
 def _json(src: SourceFile, cfg: PrepareConfig) -> Iterator[Record]:
-    """A ``.json`` file is one array of objects (read whole), or else JSON Lines."""
+    """A ``.json`` file is one array of objects (streamed element by element), or JSON Lines."""
     head = b""
     for chunk in _text_chunks(src, cfg):
         head = chunk.lstrip()
@@ -159,28 +172,19 @@ def _json(src: SourceFile, cfg: PrepareConfig) -> Iterator[Record]:
     if not head.startswith(b"["):
         yield from _jsonl(src, cfg)
         return
-    buf = bytearray()
-    for chunk in _text_chunks(src, cfg):
-        buf += chunk
-        if len(buf) > _max_bytes(cfg):
-            yield None, None, 0, "too_long", f"JSON array file longer than {_max_bytes(cfg)} bytes"
-            return
-    text, _, bad, reason, detail = _decode(bytes(buf), None, 0)
-    if reason is not None:
-        yield text, None, bad, reason, detail
-        return
-    try:
-        items = json.loads(text)
-    except ValueError as e:
-        yield snippet(text), None, 0, "invalid_json", str(e)[:200]
-        return
-    for i, obj in enumerate(items):
-        yield _field(obj, cfg.text_field, snippet(json.dumps(obj)), i + 1, None)
+    splitter = ArraySplitter(_max_bytes(cfg))
+    for index, offset, data, problem in splitter.elements(_text_chunks(src, cfg)):
+        if problem is not None:
+            yield None, index, offset, "invalid_json", problem
+        elif data is None:
+            yield None, index, offset, "too_long", TOO_LONG_ELEMENT
+        else:
+            yield _json_record(data, index, offset, cfg.text_field)
 
 
 def _parquet(src: SourceFile, cfg: PrepareConfig) -> Iterator[Record]:
     field = cfg.text_field
-    with open_raw(src, cfg.s3, seekable=True) as f:
+    with open_raw(src, cfg.s3, cfg.max_file_bytes, seekable=True) as f:
         try:
             pf = pq.ParquetFile(f)
         except (pa.ArrowException, ValueError) as e:
@@ -193,14 +197,39 @@ def _parquet(src: SourceFile, cfg: PrepareConfig) -> Iterator[Record]:
         if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
             yield None, None, None, "non_string_field", f"column {field!r} is {kind}"
             return
+        groups, rows = _row_groups_within(pf, field, cfg.max_file_bytes)
         row = 0
-        for batch in pf.iter_batches(columns=[field], batch_size=1024):
+        for batch in pf.iter_batches(columns=[field], batch_size=1024, row_groups=groups):
             for value in batch.column(0).to_pylist():
                 row += 1
                 if value is None:
                     yield None, row, None, "missing_field", f"null {field!r}"
                 else:
                     yield value, row, None, None, None
+        if len(groups) < pf.num_row_groups:
+            detail = f"column {field!r} decompresses to more than data.max_file_bytes"
+            yield (
+                None,
+                rows + 1,
+                None,
+                "too_large",
+                f"{detail} ({cfg.max_file_bytes}); the rest of the file is skipped",
+            )
+
+
+def _row_groups_within(pf: pq.ParquetFile, field: str, limit: int) -> tuple[list[int], int]:
+    """The leading row groups whose text column decompresses to ``limit`` bytes in all
+    (by the sizes the footer declares, before anything is decompressed), and their rows."""
+    total, rows, groups = 0, 0, []
+    for i in range(pf.num_row_groups):
+        meta = pf.metadata.row_group(i)
+        columns = (meta.column(j) for j in range(meta.num_columns))
+        total += sum(c.total_uncompressed_size for c in columns if c.path_in_schema == field)
+        if total > limit:
+            break
+        groups.append(i)
+        rows += meta.num_rows
+    return groups, rows
 
 
 def _pydoc(src: SourceFile, cfg: PrepareConfig) -> Iterator[Record]:

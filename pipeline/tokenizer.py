@@ -17,6 +17,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from pipeline.config import PrepareConfig, S3Options, SpecialTokens
 from pipeline.errors import PipelineError
 from pipeline.storage import filesystem, join
+from pipeline.writer import token_dtype
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,7 @@ def tokenizer_identity(cfg: PrepareConfig) -> str:
     """What the fingerprint hashes for the tokenizer: its bytes, or how it will be trained."""
     if cfg.tokenizer:
         text = read_tokenizer_json(cfg.tokenizer, cfg.s3)
+        bundle(Tokenizer.from_str(text), cfg)
         return "file:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
     return f"bpe:tokenizers={tokenizers.__version__}"
 
@@ -88,5 +90,13 @@ def bundle(tok: Tokenizer, cfg: PrepareConfig) -> TokenizerBundle:
     if size > cfg.vocab_size:
         raise PipelineError(
             f"data.vocab_size: the tokenizer has {size} tokens, more than vocab_size {cfg.vocab_size}"
+        )
+    # Ids, not the entry count, must fit: shards are uint16 up to vocab_size 65535, and a
+    # sparse vocabulary (5 entries, one of them id 70000) would wrap silently.
+    top = max(tok.get_vocab(with_added_tokens=True).values(), default=0)
+    if top >= cfg.vocab_size:
+        raise PipelineError(
+            f"data.vocab_size: the tokenizer has token id {top}, not below vocab_size "
+            f"{cfg.vocab_size} (shards store {token_dtype(cfg.vocab_size).name} ids)"
         )
     return TokenizerBundle(json=tok.to_str(), special_ids=ids, vocab_size=size)

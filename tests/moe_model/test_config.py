@@ -88,6 +88,7 @@ def test_dict_round_trip_is_json_safe():
         ({"aux_loss_coef": -0.1}, "aux_loss_coef"),
         ({"router_bias_update_rate": -1e-3}, "router_bias_update_rate"),
         ({"tie_embeddings": "yes"}, "tie_embeddings"),
+        ({"max_seq_len": 10**9}, "max_seq_len"),
     ],
 )
 def test_bad_values_are_rejected_naming_the_field(change, field):

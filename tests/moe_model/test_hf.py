@@ -157,3 +157,17 @@ def test_greedy_generate_stops_at_eos_like_hf(tmp_path):
     )
     got = ours.generate(prompt, max_new_tokens=12, eos_token_id=eos)
     assert torch.equal(got, expected)
+
+
+def test_hostile_max_position_embeddings_is_refused_before_any_table(tmp_path):
+    from jobs.errors import JobError
+    from jobs.service.hf_folder import load_hf_folder
+
+    save_hf(MoETransformer(_config(0, **CONFIGS[0])), tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{}")
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 10**9}))
+    with pytest.raises(ValueError, match=r"^max_position_embeddings: must be at most 1048576, got"):
+        load_hf(tmp_path)
+    with pytest.raises(JobError, match=r": max_position_embeddings: must be at most 1048576"):
+        load_hf_folder(tmp_path)

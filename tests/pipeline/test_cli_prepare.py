@@ -56,6 +56,10 @@ def test_cli_prints_summary_then_the_dataset_uri(ray_local, clean_corpus, tmp_pa
         (["--seq-len", "0"], "error: config key 'data.seq_len'"),
         (["--input", "/definitely/not/here"], "error: input '/definitely/not/here'"),
         (["--set", "data.txt_split=lines"], "error: config key 'data.txt_split'"),
+        (
+            ["--set", "model.max_seq_len=64", "--set", "train.sample_max_new_tokens=64"],
+            "error: config key 'train.sample_max_new_tokens': must be below model.max_seq_len (64)",
+        ),
     ],
 )
 def test_bad_config_is_one_line_and_exit_2(args, message):
