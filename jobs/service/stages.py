@@ -93,7 +93,7 @@ def resolve_init(ctx: Context, manifest: dict[str, Any]) -> tuple[str | None, st
     dense = upcycling.upcycle_source(init)
     if dense is not None:
         path = upcycling.confine(ctx.cfg.storage.root, dense)
-        upcycling.check_fits(path, ctx.cfg.model.build(manifest["vocab_size"]))
+        upcycling.check_fits(path, ctx.cfg.model.build(manifest.get("vocab_size")))
         return upcycling.PREFIX + path, upcycling.source_identity(path)
     if not init or init != CHAMPION:
         return init or None, init or None

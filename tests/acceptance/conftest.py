@@ -18,10 +18,44 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-WORDS = (
-    "the king and queen rode out at dawn to see the river while the old miller sang of "
-    "bread and rain and every child of the town ran to the hill to watch them pass by"
-).split()
+WORDS = [
+    "the",
+    "king",
+    "and",
+    "queen",
+    "rode",
+    "out",
+    "at",
+    "dawn",
+    "to",
+    "see",
+    "the",
+    "river",
+    "while",
+    "the",
+    "old",
+    "miller",
+    "sang",
+    "of",
+    "bread",
+    "and",
+    "rain",
+    "and",
+    "every",
+    "child",
+    "of",
+    "the",
+    "town",
+    "ran",
+    "to",
+    "the",
+    "hill",
+    "to",
+    "watch",
+    "them",
+    "pass",
+    "by",
+]
 
 
 def book(path: Path, seed: int, sentences: int = 900) -> Path:
