@@ -92,12 +92,30 @@ def resolve_model(uri: str, dst: str | Path | None = None, tracking_uri: str | N
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     dst = Path(dst) if dst else Path(tempfile.mkdtemp(prefix="moe-model-"))
     try:
+        source = _registry_source(uri, tracking_uri) if uri.startswith("models:/") else uri
         path = mlflow.artifacts.download_artifacts(
-            artifact_uri=uri, dst_path=str(dst), tracking_uri=tracking_uri
+            artifact_uri=source, dst_path=str(dst), tracking_uri=tracking_uri
         )
     except MlflowException as e:
         raise JobError(f"cannot load model {uri}: {e.message.splitlines()[0]}") from None
     return Path(path)
+
+
+def _registry_source(uri: str, tracking_uri: str | None) -> str:
+    """Where ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS`` keeps its files, asked of
+    the registry at ``tracking_uri``. MLflow's own resolution of ``models:/`` (3.x,
+    ``ModelsArtifactRepository._get_model_uri_infos``) asks the default registry, i.e.
+    ``$MLFLOW_TRACKING_URI``, whatever ``tracking_uri`` says."""
+    from mlflow import MlflowClient
+
+    ref = uri.removeprefix("models:/").strip("/")
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        version = client.get_model_version_by_alias(name, alias).version
+    else:
+        name, _, version = ref.rpartition("/")
+    return client.get_model_version_download_uri(name, version)
 
 
 def load_hf_folder(folder: str | Path) -> LoadedModel:
