@@ -16,7 +16,6 @@ import unicodedata
 from collections import Counter
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from pipeline.config import CleanConfig
 from pipeline.quarantine import snippet
@@ -122,7 +121,3 @@ class CleanStage(Stage):
             ],
             schema=CLEAN_SCHEMA,
         )
-
-
-def ok_mask(batch: pa.Table) -> pa.ChunkedArray:
-    return pc.is_null(batch.column("reason"))

@@ -7,7 +7,6 @@ own) unless ``data.s3`` overrides them. Nothing here logs an option value.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import posixpath
 import uuid
@@ -81,14 +80,6 @@ def resolve(dataset_uri: str, rel: str) -> str:
             f"manifest path {rel!r} of {dataset_uri}: outside the dataset's folder {folder}"
         )
     return f"{scheme}{sep}{target}"
-
-
-def sha256_file(fs: fsspec.AbstractFileSystem, path: str, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with fs.open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def commit_file(local_path: str, uri: str, s3: S3Options | None = None) -> None:

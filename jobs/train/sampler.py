@@ -61,9 +61,6 @@ class Sampler:
         shard = np.searchsorted(self._starts, rows, side="right") - 1
         return shard, rows - self._starts[shard]
 
-    def epoch_of(self, sample: int) -> int:
-        return sample // self.num_rows
-
 
 def micro_batch_samples(
     step_start: int, rank: int, world: int, micro: int, micro_batch: int
