@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from mlflow import MlflowClient
 
 from jobs.config import RootConfig
 from jobs.service.cache import StageCache
@@ -183,6 +184,42 @@ def test_gate_rescores_champion_on_new_eval_data(
     rows = eval_sets(ctx1, reader, reader.load_tokenizer())[0].rows
     assert "re-evaluated" in d.reason and not d.promote
     assert d.champion_loss == pytest.approx(loss_on(good, rows, 8)[0]["loss"], rel=1e-5)
+
+
+def _register_in_child(cfg, dataset_uri, model, tag, barrier, results) -> None:
+    """One process's register, started at the same moment as the other's (``barrier``)."""
+    ctx, data, reader = make_context(cfg, dataset_uri)
+    tok = reader.load_tokenizer()
+    sets = eval_sets(ctx, reader, tok)
+    result = evaluate_model(model, tok, sets, cfg.evaluate, reader.eos_token_id)
+    outputs = {"metrics": result.metrics, "eval_data": result.eval_data, "samples": [],
+               "model": model}  # fmt: skip
+    evaluated = StageOutcome("evaluate", False, f"eval-{tag}", None, outputs)
+    barrier.wait(timeout=300)
+    out = register_stage(ctx, data, evaluated)
+    results.put((tag, out.outputs["version"]))
+
+
+def test_two_registers_at_once_leave_the_better_champion(dataset, models, mlflow_uri, tmp_path):
+    """Two processes register a worse and a better model at the same moment: whichever
+    gate runs first, the better one ends as champion."""
+    import multiprocessing
+
+    cfg = make_cfg(tmp_path)
+    spawn = multiprocessing.get_context("spawn")
+    barrier, results = spawn.Barrier(2), spawn.Queue()
+    procs = [
+        spawn.Process(target=_register_in_child, args=(cfg, dataset, m, tag, barrier, results))
+        for m, tag in zip(models, ("worse", "better"), strict=True)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+        assert p.exitcode == 0
+    versions = dict(results.get(timeout=10) for _ in procs)
+    client, name = MlflowClient(mlflow_uri), cfg.registry.model_name
+    assert client.get_model_version_by_alias(name, CHAMPION).version == versions["better"]
 
 
 def cli(*args: str, env: dict[str, str]) -> str:
