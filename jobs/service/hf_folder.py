@@ -9,11 +9,13 @@ Nothing in the folder is a pickle.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,32 +75,34 @@ def _write_json(path: Path, payload: dict[str, Any]) -> None:
     path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
-def resolve_model(uri: str, dst: str | Path | None = None, tracking_uri: str | None = None) -> Path:
-    """A local folder for ``uri``: a folder as is, else an MLflow download into ``dst``.
+@contextlib.contextmanager
+def resolve_model(uri: str, tracking_uri: str | None = None) -> Iterator[Path]:
+    """A local folder for ``uri`` while the ``with`` block runs: a folder as is, else an
+    MLflow download into a temporary folder that is deleted when the block ends.
 
     ``models:/NAME/VERSION``, ``models:/NAME@ALIAS``, ``runs:/ID/model`` and any
-    artifact URI MLflow can read are accepted. Without ``dst`` the download goes to a
-    new temporary folder that the caller must delete (``load_model`` does).
+    artifact URI MLflow can read are accepted.
     """
     local = Path(uri)
     if "://" not in uri and not uri.startswith(("models:", "runs:")):
         if not local.is_dir():
             raise JobError(f"model folder not found: {uri}")
-        return local
+        yield local
+        return
     import mlflow
     from mlflow.exceptions import MlflowException
 
     # One progress bar per file on stderr says nothing for a handful of files.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    dst = Path(dst) if dst else Path(tempfile.mkdtemp(prefix="moe-model-"))
-    try:
-        source = _registry_source(uri, tracking_uri) if uri.startswith("models:/") else uri
-        path = mlflow.artifacts.download_artifacts(
-            artifact_uri=source, dst_path=str(dst), tracking_uri=tracking_uri
-        )
-    except MlflowException as e:
-        raise JobError(f"cannot load model {uri}: {e.message.splitlines()[0]}") from None
-    return Path(path)
+    with tempfile.TemporaryDirectory(prefix="moe-model-") as dst:
+        try:
+            source = _registry_source(uri, tracking_uri) if uri.startswith("models:/") else uri
+            path = mlflow.artifacts.download_artifacts(
+                artifact_uri=source, dst_path=dst, tracking_uri=tracking_uri
+            )
+        except MlflowException as e:
+            raise JobError(f"cannot load model {uri}: {e.message.splitlines()[0]}") from None
+        yield Path(path)
 
 
 def _registry_source(uri: str, tracking_uri: str | None) -> str:
@@ -144,8 +148,8 @@ def load_hf_folder(folder: str | Path) -> LoadedModel:
 
 def load_model(uri: str, tracking_uri: str | None = None) -> LoadedModel:
     """The model in memory; a downloaded copy is deleted once it is loaded."""
-    with tempfile.TemporaryDirectory(prefix="moe-model-") as tmp:
-        return load_hf_folder(resolve_model(uri, dst=tmp, tracking_uri=tracking_uri))
+    with resolve_model(uri, tracking_uri) as folder:
+        return load_hf_folder(folder)
 
 
 def export_folder(uri: str, out: str | Path, tracking_uri: str | None = None) -> Path:
@@ -153,8 +157,7 @@ def export_folder(uri: str, out: str | Path, tracking_uri: str | None = None) ->
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise JobError(f"--out {out}: folder is not empty")
-    with tempfile.TemporaryDirectory() as tmp:
-        src = resolve_model(uri, dst=tmp, tracking_uri=tracking_uri)
+    with resolve_model(uri, tracking_uri) as src:
         missing = [f for f in (*REQUIRED, "generation_config.json") if not (src / f).is_file()]
         if missing or not list(src.glob("*.safetensors")):
             raise JobError(

@@ -126,6 +126,7 @@ def _register(ctx: Context, run_id: str, fp: str, data, evaluated) -> dict[str, 
     # Check-then-set: two registers at once could both beat the old champion and the worse
     # one move the alias last. One gate at a time per storage root, and a re-check after.
     with storage_lock(join(cfg.storage.root, "registry", f"{name}.champion.lock"), cfg.data.s3):
+        client.set_registered_model_alias(name, reg.CANDIDATE, mv.version)
         champion = reg.version_by_alias(client, name, reg.CHAMPION)
         scorer = _champion_scorer(ctx, reader, metric, eval_data)
         decision = reg.decide(cfg.registry, metric, new_loss, champion, scorer)

@@ -67,7 +67,9 @@ def ensure_registered_model(client, name: str) -> None:
 
 
 def publish_version(client, run_id: str, folder: Path, name: str, tags: dict[str, Any]):
-    """Log ``folder`` under the run's ``model/`` artifacts, register it, alias it ``candidate``."""
+    """Log ``folder`` under the run's ``model/`` artifacts and register it. The caller aliases
+    it ``candidate`` under the champion gate's lock: MLflow's first write of an alias is not
+    safe against a second one at the same moment (a UNIQUE constraint error)."""
     client.log_artifacts(run_id, str(folder), artifact_path=ARTIFACT_PATH)
     ensure_registered_model(client, name)
     mv = client.create_model_version(
@@ -76,7 +78,6 @@ def publish_version(client, run_id: str, folder: Path, name: str, tags: dict[str
         run_id=run_id,
         tags={k: str(v) for k, v in tags.items()},
     )
-    client.set_registered_model_alias(name, CANDIDATE, mv.version)
     return mv
 
 

@@ -2,9 +2,13 @@
 
 Every call only enqueues; one background thread creates (or, on resume, finds)
 the run and delivers metrics, params, tags and artifacts in order. When the
-server cannot be reached the thread keeps the items, warns once, and retries;
-``close()`` keeps retrying until its deadline and then writes what is left to a
-local spool folder (JSON lines + artifact copies) and names it in a warning.
+server cannot be reached, throttles us (HTTP 429, retried with backoff) or
+refuses our credentials (401/403), the thread keeps the items, warns once, and
+writes them to the spool (``jobs.tracking.spool``; the trainer's lives in the
+run's folder) at most every ``spool_interval_s``, or at once when ``flush()``
+asks, which the loop does at every checkpoint. The next tracker of the same run
+(its resume) delivers the spool first, then deletes it. ``close()`` keeps
+retrying until its deadline, spools what is left and says where, and why.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Any
 
 from jobs.security import redact, redact_uri
 from jobs.tracking.base import flatten_params, resolve_tracking_uri
+from jobs.tracking.spool import KINDS, Spool
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +38,14 @@ _MAX_PARAM_LEN = 6000
 # MLflow's REST client retries a dead server for minutes by default; the thread
 # retries on its own schedule instead, so each attempt should fail fast.
 _HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+_MAX_BACKOFF_S = 60.0
+
+
+@dataclass
+class _Entry:
+    seq: int  # order of logging in this process; 0 for items read back from the spool
+    item: tuple
+    segment: str | None = None  # the spool segment that holds it, once spooled
 
 
 class MlflowTracker:
@@ -47,6 +60,8 @@ class MlflowTracker:
         retry_interval_s: float = 5.0,
         close_timeout_s: float = 60.0,
         spool_dir: str | None = None,
+        spool_uri: str | None = None,
+        spool_interval_s: float = 5.0,
     ) -> None:
         for key, value in _HTTP_DEFAULTS.items():
             os.environ.setdefault(key, value)
@@ -60,19 +75,29 @@ class MlflowTracker:
         self.retry_interval_s = retry_interval_s
         self.close_timeout_s = close_timeout_s
         self.spool_dir = Path(spool_dir or tempfile.mkdtemp(prefix="moe-mlflow-spool-"))
+        self.spool = Spool(spool_uri or str(self.spool_dir))
+        self.spool_interval_s = spool_interval_s
         self.run_id: str | None = None
         self.resumed = False
         self.delivered = 0
         self.dropped = 0
-        self._enqueued = 0
+        self.replayed = 0  # items read back from an earlier process's spool
+        self.refused: int | None = None  # 401/403 while the server refuses our credentials
+        self._logged = 0  # seq of the last item logged
+        self._safe = 0  # every item up to this seq is delivered, dropped or spooled
         self._queue: queue.Queue = queue.Queue()
-        self._pending: list[tuple] = []
+        self._pending: list[_Entry] = []
         self._artifact_seq = 0
         self._client = None
         self._monitor = None
-        self._warned = False
+        self._warned: str | None = None  # why the last delivery failed, until one succeeds
         self._status = "FINISHED"
         self._closing = False
+        self._next_try = 0.0
+        self._backoff = retry_interval_s
+        self._last_spool = -float("inf")
+        self._spool_now = False
+        self._spool_failed = False
         self._wake = threading.Event()
         self._run_ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name="mlflow-tracker", daemon=True)
@@ -100,15 +125,19 @@ class MlflowTracker:
         self._put(("artifact", str(copy), artifact_path))
 
     def flush(self, timeout: float = 10.0) -> bool:
-        """Wait (at most ``timeout``) until everything logged so far is delivered.
+        """Wait (at most ``timeout``) until everything logged so far is delivered or, while
+        MLflow is down or refuses us, written to the spool.
 
-        Returns at once while the server is known to be down: called at
-        checkpoints, so that metrics up to a checkpoint survive a hard kill of
-        this process, without ever making an outage stall training.
+        Called at checkpoints, so that metrics up to a checkpoint survive a hard kill of
+        this process; during an outage it waits for one small spool write only.
         """
+        target = self._logged
         deadline = time.monotonic() + timeout
-        while self.delivered + self.dropped < self._enqueued:
-            if self._warned or not self._thread.is_alive() or time.monotonic() > deadline:
+        if self._safe < target:
+            self._spool_now = True
+            self._wake.set()
+        while self._safe < target:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
                 return False
             time.sleep(0.005)
         return True
@@ -125,36 +154,107 @@ class MlflowTracker:
         self._thread.join(self.close_timeout_s + 30)
 
     def _put(self, item: tuple) -> None:
-        self._enqueued += 1
-        self._queue.put(item)
+        self._logged += 1
+        self._queue.put(_Entry(self._logged, item))
 
     # -- the background thread ----------------------------------------------------------
 
     def _run(self) -> None:
+        self._replay()
         deadline = None
         while True:
             self._drain(block=not self._pending and not self._closing)
-            self._try_deliver()
+            self._spool_if_due()  # before a retry that may hang on a stuck server
+            if time.monotonic() >= self._next_try or (self._closing and deadline is None):
+                self._try_deliver()
+            self._spool_if_due()
             if self._closing:
                 deadline = deadline or time.monotonic() + self.close_timeout_s
-                if not self._pending or time.monotonic() > deadline:
+                # Refused credentials stay refused for this process: spool at once.
+                if not self._pending or self.refused or time.monotonic() > deadline:
                     self._finish()
                     return
             if self._pending:
-                self._wake.wait(self.retry_interval_s)
+                self._wake.wait(max(0.0, self._next_wake() - time.monotonic()))
+                self._wake.clear()
 
     def _drain(self, block: bool) -> None:
         """Move queued items to ``_pending``; a ``close`` item sets ``_closing``."""
         try:
-            item = self._queue.get() if block else self._queue.get_nowait()
+            entry = self._queue.get() if block else self._queue.get_nowait()
             while True:
-                if item[0] == "close":
-                    self._closing = True
+                if isinstance(entry, _Entry):
+                    self._pending.append(entry)
                 else:
-                    self._pending.append(item)
-                item = self._queue.get_nowait()
+                    self._closing = True
+                entry = self._queue.get_nowait()
         except queue.Empty:
             pass
+
+    def _next_wake(self) -> float:
+        wake = self._next_try
+        if self._warned and self._pending[-1].segment is None:
+            wake = min(wake, self._last_spool + self.spool_interval_s)
+        return wake
+
+    # -- the spool ----------------------------------------------------------------------
+
+    def _replay(self) -> None:
+        """Put an earlier process's spool (this run's, killed or cut off from MLflow) before
+        anything this one logs. A segment that cannot be read stays for the next start."""
+        try:
+            names = self.spool.segments()
+        except Exception as e:  # the thread must outlive any storage fault
+            log.warning("could not list the MLflow spool at %s: %s", self.spool.uri, e)
+            return
+        for name in names:
+            try:
+                items = self.spool.read(name)
+            except Exception as e:  # SpoolError, or the storage's own
+                log.warning("MLflow spool segment %s left in place: %s", name, str(e)[:200])
+                continue
+            self._pending.extend(_Entry(0, item, name) for item in items)
+        self.replayed = len(self._pending)
+        if self.replayed:
+            log.info("delivering %d spooled items from %s", self.replayed, self.spool.uri)
+
+    def _spool_if_due(self, force: bool = False) -> None:
+        """While MLflow is down (or refuses us), write what is not in the spool yet: at most
+        every ``spool_interval_s``, at once when ``flush()`` or ``close()`` asks."""
+        if not (self._pending and (self._warned or force)) or self._pending[-1].segment is not None:
+            return
+        now = time.monotonic()
+        due = force or self._spool_now or now >= self._last_spool + self.spool_interval_s
+        if not due:
+            return
+        self._spool_now = False
+        self._last_spool = now
+        fresh = [e for e in self._pending if e.segment is None]
+        durable = [e.item for e in fresh if e.item[0] in KINDS]
+        try:
+            name = self.spool.write(durable) if durable else ""
+        except Exception as e:  # storage down too: kept in memory, retried next interval
+            if not self._spool_failed:
+                log.warning("could not write the MLflow spool at %s: %s", self.spool.uri, e)
+                self._spool_failed = True
+            return
+        self._spool_failed = False
+        for entry in fresh:
+            entry.segment = name
+        self._safe = max(self._safe, fresh[-1].seq)
+
+    def _release(self, done: list[_Entry]) -> None:
+        """Delete the spool segments whose every item is now delivered. Killed before this,
+        a resume delivers them again: MLflow keeps one metric per (key, step, value, time)."""
+        still = self._pending[0].segment if self._pending else None
+        for name in dict.fromkeys(e.segment for e in done):
+            if name and name != still:
+                try:
+                    self.spool.delete(name)
+                except Exception as e:
+                    log.warning("could not delete MLflow spool segment %s: %s", name, e)
+
+    # -- delivery -----------------------------------------------------------------------
 
     def _try_deliver(self) -> None:
         while True:
@@ -162,27 +262,54 @@ class MlflowTracker:
                 self._ensure_run()
                 self._deliver()
             except Exception as e:
-                if self.run_id is not None and not _transient(e):
+                why = _classify(e)
+                if why == "rejected" and self.run_id is not None:
                     log.warning(
                         "MLflow rejected an item, dropping it: %s", redact_uri(str(e))[:300]
                     )
-                    self._pending.pop(0)
+                    entry = self._pending.pop(0)
+                    self._safe = max(self._safe, entry.seq)
+                    self._release([entry])
                     self.dropped += 1
                     continue
-                if not self._warned:
-                    log.warning(
-                        "MLflow at %s unreachable (%s); training goes on, metrics are kept",
-                        self.shown_uri,
-                        redact_uri(str(e).splitlines()[0])[:200],
-                    )
-                    self._warned = True
+                self._failed(why, e)
                 return
             if self._warned:
                 log.warning(
                     "MLflow at %s is reachable again; delivered the backlog", self.shown_uri
                 )
-                self._warned = False
+                self._warned = None
+            self.refused = None
+            self._backoff = self.retry_interval_s
+            self._next_try = 0.0
             return
+
+    def _failed(self, why: str, err: Exception) -> None:
+        """Keep everything, warn once per outage, and schedule the next try (429: backoff)."""
+        wait = self.retry_interval_s
+        if why == "busy":
+            wait, self._backoff = self._backoff, min(self._backoff * 2, _MAX_BACKOFF_S)
+        self._next_try = time.monotonic() + wait
+        if why == "refused":
+            self.refused = err.get_http_status_code()
+        if self._warned == why:
+            return
+        self._warned = why
+        if why == "refused":
+            log.warning(
+                "MLflow at %s refused our credentials (HTTP %d); training goes on, metrics "
+                "are spooled at %s",
+                self.shown_uri,
+                self.refused,
+                self.spool.uri,
+            )
+        else:
+            log.warning(
+                "MLflow at %s %s (%s); training goes on, metrics are kept",
+                self.shown_uri,
+                "throttles us, retrying with backoff" if why == "busy" else "unreachable",
+                redact_uri(str(err).splitlines()[0])[:200],
+            )
 
     def _ensure_run(self) -> None:
         if self.run_id is not None:
@@ -233,7 +360,7 @@ class MlflowTracker:
 
     def _deliver(self) -> None:
         while self._pending:
-            kind, *args = self._pending[0]
+            kind, *args = self._pending[0].item
             if kind == "metrics":
                 done = self._deliver_metrics()
             else:
@@ -244,7 +371,9 @@ class MlflowTracker:
                 else:
                     self._client.log_artifact(self.run_id, args[0], args[1])
                 done = 1
-            del self._pending[:done]
+            delivered, self._pending = self._pending[:done], self._pending[done:]
+            self._safe = max(self._safe, delivered[-1].seq)
+            self._release(delivered)
             self.delivered += done
 
     def _deliver_metrics(self) -> int:
@@ -252,14 +381,15 @@ class MlflowTracker:
         from mlflow.entities import Metric
 
         batch, taken = [], 0
-        for item in self._pending:
+        for entry in self._pending:
+            item = entry.item
             if item[0] != "metrics" or len(batch) + len(item[1]) > _MAX_METRICS_PER_BATCH:
                 break
             _, values, step, ts = item
             batch.extend(Metric(k, v, ts, step) for k, v in values.items())
             taken += 1
         if taken == 0:
-            _, values, step, ts = self._pending[0]
+            _, values, step, ts = self._pending[0].item
             batch, taken = [Metric(k, v, ts, step) for k, v in values.items()], 1
         self._client.log_batch(self.run_id, metrics=batch)
         return taken
@@ -281,24 +411,32 @@ class MlflowTracker:
         if self._monitor is not None:
             self._monitor.finish()
         if self._pending:
-            self._spool()
+            self._spool_if_due(force=True)
+            self._report_undelivered()
             return
         try:
             self._client.set_terminated(self.run_id, status=self._status)
         except Exception as e:
             log.warning("could not end MLflow run %s: %s", self.run_id, redact_uri(str(e)))
 
-    def _spool(self) -> None:
-        path = self.spool_dir / "pending.jsonl"
-        with path.open("a") as f:
-            for item in self._pending:
-                f.write(json.dumps(list(item)) + "\n")
-        log.warning(
-            "MLflow at %s still unreachable at the end: %d undelivered items kept in %s",
-            self.shown_uri,
-            len(self._pending),
-            path,
+    def _report_undelivered(self) -> None:
+        metrics = sum(len(e.item[1]) for e in self._pending if e.item[0] == "metrics")
+        kept = [e for e in self._pending if e.segment]
+        where = f"spooled at {self.spool.uri}" if kept else "LOST (the spool could not be written)"
+        why = (
+            "MLflow refused our credentials"
+            if self.refused
+            else f"MLflow at {self.shown_uri} unreachable"
         )
+        log.warning(
+            "%d metrics %s, not delivered: %s; the run's next start delivers them",
+            metrics,
+            where,
+            why,
+        )
+        artifacts = [e.item[1] for e in self._pending if e.item[0] == "artifact"]
+        if artifacts:
+            log.warning("%d artifacts not delivered, copies in %s", len(artifacts), self.spool_dir)
 
 
 def _param_value(value: Any) -> str:
@@ -306,15 +444,21 @@ def _param_value(value: Any) -> str:
     return text[:_MAX_PARAM_LEN]
 
 
-def _transient(err: Exception) -> bool:
-    """Connection trouble and 5xx are worth retrying; a 4xx rejection never succeeds."""
+def _classify(err: Exception) -> str:
+    """``down`` (connection trouble, 5xx) and ``busy`` (429) are retried, ``refused``
+    (401/403) is spooled until the credentials work again; any other 4xx is ``rejected``:
+    that item never succeeds."""
     get_status = getattr(err, "get_http_status_code", None)
     if get_status is None:
-        return True
+        return "down"
     text = str(err)
+    if "too many 429 error responses" in text or get_status() == 429:
+        return "busy"  # MLflow's HTTP client reports a 429 as a retry error
     if "Max retries exceeded" in text or "Connection" in text or "timed out" in text:
-        return True
-    return get_status() >= 500
+        return "down"
+    if get_status() in (401, 403):
+        return "refused"
+    return "down" if get_status() >= 500 else "rejected"
 
 
 @dataclass
@@ -328,6 +472,7 @@ class MlflowSpec:
     parent_run_id: str | None = None
     system_metrics: bool = True
     close_timeout_s: float = 60.0
+    spool_uri: str | None = None  # the trainer's: ``{run folder}/mlflow-spool``
 
     def create(self) -> MlflowTracker:
         return MlflowTracker(
@@ -338,4 +483,5 @@ class MlflowSpec:
             parent_run_id=self.parent_run_id,
             system_metrics=self.system_metrics,
             close_timeout_s=self.close_timeout_s,
+            spool_uri=self.spool_uri,
         )

@@ -101,6 +101,7 @@ def _train_locked(
         "run_name": run_name,
         "run_key": run_uri,
         "parent_run_id": parent_run_id,
+        "spool_uri": safe_join(run_uri, "mlflow-spool"),  # what MLflow has not taken yet
     }
     loop_config = {
         "root": cfg.model_dump(mode="json"),

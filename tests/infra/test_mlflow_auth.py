@@ -129,6 +129,44 @@ def test_the_pipeline_logs_with_credentials_from_the_environment(
     assert train.metrics == {"train/loss": 1.5} and train.tags["mlflow.parentRunId"] == parent
 
 
+def test_a_rotated_password_spools_the_running_jobs_metrics(
+    mlflow_auth_server, users, monkeypatch, tmp_path, caplog
+):
+    """The pipeline's password rotated under a running job: every request is refused (401),
+    the tracker keeps spooling, warns once and says so at the end; the run's next start, with
+    the new password, delivers everything exactly once."""
+    from jobs.tracking.mlflow_tracker import MlflowTracker
+    from jobs.tracking.spool import Spool
+
+    client = _as(monkeypatch, mlflow_auth_server, users["pipeline"])
+    spool = str(tmp_path / "runs" / "r" / "mlflow-spool")
+    opts = {
+        "uri": mlflow_auth_server.uri, "experiment": f"rotated-{secrets.token_hex(4)}",
+        "run_key": "r", "system_metrics": False, "retry_interval_s": 0.2, "spool_uri": spool,
+    }  # fmt: skip
+    tracker = MlflowTracker(**opts)
+    tracker.log({"train/loss": 1.0}, step=1)
+    assert tracker.flush(timeout=30) and tracker.delivered == 1
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "the-old-password")
+    with caplog.at_level("WARNING", logger="jobs.tracking.mlflow_tracker"):
+        for step in range(2, 6):
+            tracker.log({"train/loss": float(step)}, step)
+        assert tracker.flush(timeout=30)  # in the spool
+        tracker.close()
+    assert tracker.refused == 401 and tracker.dropped == 0
+    assert caplog.text.count("refused our credentials (HTTP 401)") == 1
+    assert f"4 metrics spooled at {spool}, not delivered: MLflow refused our credentials" in (
+        caplog.text
+    )
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", users["pipeline"][1])
+    again = MlflowTracker(**opts)
+    again.close()
+    assert again.run_id == tracker.run_id and again.delivered == 4
+    history = client.get_metric_history(tracker.run_id, "train/loss")
+    assert sorted((m.step, m.value) for m in history) == [(s, float(s)) for s in range(1, 6)]
+    assert Spool(spool).segments() == []
+
+
 def test_a_reader_cannot_register_or_promote_a_model(mlflow_auth_server, users, monkeypatch):
     from mlflow.exceptions import MlflowException
 

@@ -8,12 +8,14 @@ import os
 import random
 import subprocess
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from mlflow import MlflowClient
 
 from jobs.config import RootConfig
 from jobs.service.cache import StageCache
@@ -161,8 +163,11 @@ def test_champion_gate_both_ways(dataset, models, mlflow_uri, tmp_path):
     assert again.cache_hit and again.outputs["version"] == third.outputs["version"]
 
 
-def test_gate_rescores_champion_on_new_eval_data(dataset, models, mlflow_uri, tmp_path):
-    """When the eval rows change, the champion is re-evaluated on the new rows, not trusted."""
+def test_gate_rescores_champion_on_new_eval_data(
+    dataset, models, mlflow_uri, tmp_path, monkeypatch
+):
+    """When the eval rows change, the champion is re-evaluated on the new rows, not trusted;
+    its downloaded copy does not stay behind in the temporary folder."""
     cfg = make_cfg(tmp_path, max_batches=2)
     ctx, data, reader = make_context(cfg, dataset)
     bad, good = models
@@ -170,11 +175,51 @@ def test_gate_rescores_champion_on_new_eval_data(dataset, models, mlflow_uri, tm
 
     cfg1 = cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={"max_batches": 1})})
     ctx1, data1, _ = make_context(cfg1, dataset)
+    scratch = tmp_path / "tmpdir"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     out, _ = register(ctx1, data1, reader, bad, "bad-fewer-rows")
+    assert list(scratch.iterdir()) == []
     d = out.outputs["decision"]
     rows = eval_sets(ctx1, reader, reader.load_tokenizer())[0].rows
     assert "re-evaluated" in d.reason and not d.promote
     assert d.champion_loss == pytest.approx(loss_on(good, rows, 8)[0]["loss"], rel=1e-5)
+
+
+def _register_in_child(cfg, dataset_uri, model, tag, barrier, results) -> None:
+    """One process's register, started at the same moment as the other's (``barrier``)."""
+    ctx, data, reader = make_context(cfg, dataset_uri)
+    tok = reader.load_tokenizer()
+    sets = eval_sets(ctx, reader, tok)
+    result = evaluate_model(model, tok, sets, cfg.evaluate, reader.eos_token_id)
+    outputs = {"metrics": result.metrics, "eval_data": result.eval_data, "samples": [],
+               "model": model}  # fmt: skip
+    evaluated = StageOutcome("evaluate", False, f"eval-{tag}", None, outputs)
+    barrier.wait(timeout=300)
+    out = register_stage(ctx, data, evaluated)
+    results.put((tag, out.outputs["version"]))
+
+
+def test_two_registers_at_once_leave_the_better_champion(dataset, models, mlflow_uri, tmp_path):
+    """Two processes register a worse and a better model at the same moment: whichever
+    gate runs first, the better one ends as champion."""
+    import multiprocessing
+
+    cfg = make_cfg(tmp_path)
+    spawn = multiprocessing.get_context("spawn")
+    barrier, results = spawn.Barrier(2), spawn.Queue()
+    procs = [
+        spawn.Process(target=_register_in_child, args=(cfg, dataset, m, tag, barrier, results))
+        for m, tag in zip(models, ("worse", "better"), strict=True)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+        assert p.exitcode == 0
+    versions = dict(results.get(timeout=10) for _ in procs)
+    client, name = MlflowClient(mlflow_uri), cfg.registry.model_name
+    assert client.get_model_version_by_alias(name, CHAMPION).version == versions["better"]
 
 
 def cli(*args: str, env: dict[str, str]) -> str:
@@ -194,8 +239,12 @@ def test_export_hf_and_generate_from_registry(dataset, models, mlflow_uri, tmp_p
     name = cfg.registry.model_name
     env = {"MLFLOW_TRACKING_URI": mlflow_uri}
 
+    scratch = tmp_path / "tmpdir"  # the commands' temporary folder: nothing may stay there
+    scratch.mkdir()
     folder = tmp_path / "export"
-    cli("export-hf", "--model", f"models:/{name}@{CHAMPION}", "--out", str(folder), env=env)
+    cli("export-hf", "--model", f"models:/{name}@{CHAMPION}", "--out", str(folder),
+        env={**env, "TMPDIR": str(scratch)})  # fmt: skip
+    assert list(scratch.iterdir()) == []
     files = {p.name for p in folder.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= files
     assert not [f for f in files if f.endswith((".pkl", ".pt", ".bin"))]
@@ -216,13 +265,11 @@ def test_export_hf_and_generate_from_registry(dataset, models, mlflow_uri, tmp_p
     )
 
     prompt = "the router sends"
-    scratch = tmp_path / "tmpdir"  # the command's temporary folder: nothing may stay there
-    scratch.mkdir()
     printed = cli(
         "generate", "--model", f"models:/{name}/{out.outputs['version']}", "--prompt", prompt,
         "--max-new-tokens", "6", env={**env, "TMPDIR": str(scratch)},
     ).rstrip("\n")  # fmt: skip
-    assert not [p.name for p in scratch.iterdir() if p.name.startswith("moe-model-")]
+    assert list(scratch.iterdir()) == []
     from jobs.service.hf_folder import generate_text, load_hf_folder
 
     assert printed == prompt + generate_text(load_hf_folder(folder), prompt, 6)

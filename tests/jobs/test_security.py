@@ -19,6 +19,7 @@ from jobs.security import (
     split_secrets,
     strip_uri_credentials,
 )
+from jobs.train import driver
 
 SECRET_KEYS = [
     "password", "secret", "token", "key", "credentials", "api_key", "apiKey", "hf_token",
@@ -238,7 +239,6 @@ def test_mlflow_client_reads_the_credentials_itself(monkeypatch):
 
 
 def test_the_trainer_puts_no_credential_in_a_runtime_env(monkeypatch):
-    driver = pytest.importorskip("jobs.train.driver")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "pipeline")
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "PLANTED-PASSWORD")

@@ -15,6 +15,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
 from jobs.security import UnsafeLoadError, safe_dcp_reader, safe_torch_load
+from jobs.train import checkpoint
+from moe_model import hf
 
 
 class Payload:
@@ -93,7 +95,6 @@ def test_safe_dcp_reader_refuses_planted_metadata(tmp_path, marker):
 
 
 def test_load_hf_reads_safetensors_only(tmp_path, marker):
-    hf = pytest.importorskip("moe_model.hf")
     from moe_model import ModelConfig, MoETransformer
 
     torch.manual_seed(0)
@@ -116,7 +117,6 @@ def test_load_hf_reads_safetensors_only(tmp_path, marker):
 
 
 def test_load_checkpoint_model_refuses_a_planted_checkpoint(tmp_path, marker):
-    checkpoint = pytest.importorskip("jobs.train.checkpoint")
     from moe_model import ModelConfig
 
     ckpt = tmp_path / "checkpoint_00000010"

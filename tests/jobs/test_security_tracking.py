@@ -8,7 +8,9 @@ from __future__ import annotations
 import pytest
 
 from jobs.config import RootConfig
+from jobs.service import tracking as service
 from jobs.settings import load_config
+from jobs.tracking import mlflow_tracker as tracking
 
 PLANTED = "PLANTED"
 
@@ -57,7 +59,6 @@ def _assert_clean(logged: dict[str, str]) -> None:
 
 
 def test_the_trainers_tracker_logs_no_secret(mlflow_uri, tmp_path):
-    tracking = pytest.importorskip("jobs.tracking.mlflow_tracker")
     from mlflow import MlflowClient
 
     tracker = tracking.MlflowTracker(
@@ -76,7 +77,6 @@ def test_the_trainers_tracker_logs_no_secret(mlflow_uri, tmp_path):
 
 
 def test_the_pipelines_runs_log_no_secret(mlflow_uri):
-    service = pytest.importorskip("jobs.service.tracking")
     cfg = _config_with_secrets().model_copy(update={"tracking": RootConfig().tracking})
     runs = service.Runs(cfg)
     run_id = runs.start("pipeline-secrets", dict(TAGS))

@@ -1,12 +1,20 @@
-"""MlflowTracker against a real ``mlflow server``: delivery, redaction, nesting, resume, and
-an outage in the middle (a TCP proxy in front of the server that we switch off and on)."""
+"""MlflowTracker against a real ``mlflow server``: delivery, redaction, nesting, resume, an
+outage in the middle (a TCP proxy in front of the server that we switch off and on), a tracker
+SIGKILLed during an outage whose spool the resumed run delivers, and a server answering 429."""
 
 from __future__ import annotations
 
 import contextlib
+import http.server
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -15,6 +23,7 @@ from mlflow import MlflowClient
 
 from jobs.tracking import NullTracker, flatten_params, resolve_tracking_uri
 from jobs.tracking.mlflow_tracker import MlflowTracker
+from jobs.tracking.spool import Spool
 
 
 class SwitchableProxy:
@@ -26,6 +35,7 @@ class SwitchableProxy:
         self.up = False
         self.hang = False
         self.held: list[socket.socket] = []
+        self.live: list[socket.socket] = []
         self.sock = socket.socket()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
@@ -46,6 +56,7 @@ class SwitchableProxy:
                     client.close()
                 continue
             upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            self.live += [client, upstream]
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
@@ -66,6 +77,14 @@ class SwitchableProxy:
         self.hang = False
         for client in self.held:
             client.close()
+
+    def cut(self) -> None:
+        """Go down, dropping the connections already open too (clients keep them alive)."""
+        self.up = False
+        for s in self.live:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+        self.live.clear()
 
     def close(self) -> None:
         self.sock.close()
@@ -140,23 +159,155 @@ def test_logging_never_blocks_and_an_outage_loses_nothing(mlflow_server):
     assert client.get_run(tracker.run_id).data.params["train.lr"] == "0.5"
 
 
-def test_unreachable_to_the_end_spools_to_disk(tmp_path):
+def _dead_uri() -> str:
     dead = socket.socket()
     dead.bind(("127.0.0.1", 0))
     port = dead.getsockname()[1]
     dead.close()
-    tracker = MlflowTracker(
-        f"http://127.0.0.1:{port}",
-        run_name="never",
-        retry_interval_s=0.2,
-        close_timeout_s=1.0,
-        spool_dir=str(tmp_path),
-        system_metrics=False,
-    )
-    tracker.log({"train/loss": 2.0}, 1)
+    return f"http://127.0.0.1:{port}"
+
+
+def _spooled_steps(spool: Spool) -> list[int]:
+    return sorted(i[2] for name in spool.segments() for i in spool.read(name) if i[0] == "metrics")
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_unreachable_to_the_end_spools_and_the_next_start_delivers(
+    where, mlflow_server, tmp_path, request, caplog
+):
+    """Local disk or S3 (a segment per write, no append): the spool outlives the tracker,
+    the next tracker of the run delivers it once and deletes it."""
+    root = request.getfixturevalue("s3_bucket") if where == "s3" else str(tmp_path)
+    spool_uri = f"{root}/runs/r/mlflow-spool"
+    key, exp = f"run-{uuid.uuid4().hex[:8]}", f"spool-{uuid.uuid4().hex[:8]}"
+    opts = dict(run_key=key, system_metrics=False, retry_interval_s=0.2, spool_uri=spool_uri)
+    tracker = MlflowTracker(_dead_uri(), exp, close_timeout_s=1.0, **opts)
+    tracker.log_params({"train": {"lr": 0.5}})
+    for step in (1, 2):
+        tracker.log({"train/loss": float(step)}, step)
+    with caplog.at_level("WARNING", logger="jobs.tracking.mlflow_tracker"):
+        tracker.close()
+    assert f"2 metrics spooled at {spool_uri}, not delivered: MLflow at" in caplog.text
+    assert _spooled_steps(Spool(spool_uri)) == [1, 2]
+
+    again = MlflowTracker(mlflow_server, exp, **opts)
+    again.log({"train/loss": 3.0}, 3)
+    again.close()
+    client = MlflowClient(mlflow_server)
+    assert _history(client, again.run_id, "train/loss") == [(1, 1.0), (2, 2.0), (3, 3.0)]
+    assert client.get_run(again.run_id).data.params == {"train.lr": "0.5"}
+    assert Spool(spool_uri).segments() == []
+
+
+KILLED_TRACKER = """
+import sys
+from jobs.tracking.mlflow_tracker import MlflowTracker
+
+uri, spool, key, exp = sys.argv[1:]
+tracker = MlflowTracker(uri, exp, run_name="killed", run_key=key, system_metrics=False,
+                        retry_interval_s=0.2, spool_uri=spool, spool_interval_s=0.5)
+tracker.log_params({"train": {"lr": 0.5}})
+print(tracker.wait_for_run(60), flush=True)
+sys.stdin.readline()  # the parent cuts MLflow off
+for step in range(1, 21):
+    tracker.log({"train/loss": float(step)}, step)
+print(tracker.flush(), flush=True)  # what the loop does at a checkpoint
+for step in range(21, 41):
+    tracker.log({"train/loss": float(step)}, step)
+print("logged", flush=True)
+sys.stdin.readline()  # SIGKILLed here
+"""
+
+
+def test_a_tracker_killed_during_an_outage_loses_nothing(mlflow_server, tmp_path):
+    """SIGKILL while MLflow is unreachable: what was logged is in the run's spool (at the
+    checkpoint's flush, and within ``spool_interval_s`` after it); the resumed run delivers
+    every metric exactly once."""
+    proxy = SwitchableProxy(int(mlflow_server.rsplit(":", 1)[1]))
+    proxy.up = True
+    spool_uri = str(tmp_path / "runs" / "r" / "mlflow-spool")
+    key, exp = f"run-{uuid.uuid4().hex[:8]}", f"killed-{uuid.uuid4().hex[:8]}"
+    args = [f"http://127.0.0.1:{proxy.port}", spool_uri, key, exp]
+    child = subprocess.Popen(
+        [sys.executable, "-c", KILLED_TRACKER, *args],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+    )  # fmt: skip
+    try:
+        run_id = child.stdout.readline().strip()
+        assert run_id not in ("", "None")
+        proxy.cut()
+        child.stdin.write("\n")
+        child.stdin.flush()
+        assert child.stdout.readline().strip() == "True"  # flushed into the spool
+        assert child.stdout.readline().strip() == "logged"
+        spool, deadline = Spool(spool_uri), time.monotonic() + 60
+        while _spooled_steps(spool) != list(range(1, 41)) and time.monotonic() < deadline:
+            time.sleep(0.1)  # the interval write, no flush asked for it
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        proxy.close()
+    assert _spooled_steps(spool) == list(range(1, 41))
+
+    resumed = MlflowTracker(mlflow_server, exp, run_key=key, system_metrics=False,
+                            spool_uri=spool_uri)  # fmt: skip
+    resumed.log({"train/loss": 41.0}, 41)
+    resumed.close()
+    assert resumed.resumed and resumed.run_id == run_id
+    client = MlflowClient(mlflow_server)
+    assert _history(client, run_id, "train/loss") == [(s, float(s)) for s in range(1, 42)]
+    assert spool.segments() == []
+
+
+class Throttling(http.server.ThreadingHTTPServer):
+    """A reverse proxy in front of MLflow that answers 429 to its first ``busy`` requests."""
+
+    def __init__(self, target: str, busy: int) -> None:
+        self.target, self.busy, self.throttled = target, busy, 0
+        super().__init__(("127.0.0.1", 0), _ThrottlingHandler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+        self.uri = f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _ThrottlingHandler(http.server.BaseHTTPRequestHandler):
+    def _forward(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if self.server.throttled < self.server.busy:
+            self.server.throttled += 1
+            status, data = 429, b"slow down"
+        else:
+            headers = {"Content-Type": self.headers.get("Content-Type", "application/json")}
+            url = self.server.target + self.path
+            req = urllib.request.Request(url, body or None, headers, method=self.command)
+            try:
+                with urllib.request.urlopen(req, timeout=30) as resp:
+                    status, data = resp.status, resp.read()
+            except urllib.error.HTTPError as e:
+                status, data = e.code, e.read()
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    do_GET = do_POST = do_PATCH = do_DELETE = _forward
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_a_throttling_server_gets_everything_after_backoff(mlflow_server):
+    """HTTP 429 is retried (with backoff), never dropped."""
+    proxy = Throttling(mlflow_server, busy=4)
+    tracker = MlflowTracker(proxy.uri, f"busy-{uuid.uuid4().hex[:8]}", system_metrics=False,
+                            retry_interval_s=0.05, run_name="busy")  # fmt: skip
+    for step in (1, 2, 3):
+        tracker.log({"train/loss": float(step)}, step)
     tracker.close()
-    spooled = (tmp_path / "pending.jsonl").read_text().splitlines()
-    assert len(spooled) == 1 and '"train/loss": 2.0' in spooled[0]
+    proxy.shutdown()
+    assert proxy.throttled == 4 and tracker.dropped == 0
+    losses = _history(MlflowClient(mlflow_server), tracker.run_id, "train/loss")
+    assert losses == [(1, 1.0), (2, 2.0), (3, 3.0)]
 
 
 def test_tracking_uri_resolution_and_helpers(monkeypatch):
