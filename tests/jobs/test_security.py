@@ -8,14 +8,12 @@ from pydantic import SecretStr
 
 from jobs.auth import check_mlflow_credentials, ray_auth_headers
 from jobs.errors import JobError
-from jobs.security import (
+from jobs.paths import PathEscapeError, ensure_within, safe_join
+from pipeline.redaction import (
     REDACTED,
-    PathEscapeError,
-    ensure_within,
     is_secret_key,
     redact,
     redact_uri,
-    safe_join,
     split_secrets,
     strip_uri_credentials,
 )

@@ -174,7 +174,7 @@ def test_checkpoint_round_trip_is_exact_and_holds_no_pickles(tmp_path):
     # Only tensors in DCP: nothing there would be decoded with torch.load(weights_only=False).
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
-    from jobs.security import safe_dcp_reader
+    from jobs.safe_load import safe_dcp_reader
 
     entries = safe_dcp_reader(tmp_path / "ck" / "dcp").read_metadata().state_dict_metadata
     assert not [k for k, v in entries.items() if isinstance(v, BytesStorageMetadata)]
