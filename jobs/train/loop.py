@@ -25,9 +25,9 @@ from jobs.tracking.artifacts import RoutingArtifacts
 from jobs.train.checkpoint import (
     TrainerState,
     check_resume,
-    config_hash,
     load_model_weights,
     load_training_checkpoint,
+    model_config_hash,
     read_state,
     remove_dir,
     save_checkpoint,
@@ -93,7 +93,7 @@ def build(
     state = TrainerState(
         dataset_uri=dataset_uri,
         dataset_fingerprint=reader.fingerprint,
-        model_config_hash=config_hash(model_cfg),
+        model_config_hash=model_config_hash(model_cfg),
         seed=cfg.seed,
         world_size=env.world_size,
         global_batch_size=global_batch,
