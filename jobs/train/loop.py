@@ -35,12 +35,12 @@ from jobs.train.checkpoint import (
 from jobs.train.data import TrainBatches, val_batches
 from jobs.train.distributed import all_reduce_sum, parallelize, uses_fsdp
 from jobs.train.env import WorkerEnv
+from jobs.train.generations import generate_samples
 from jobs.train.init_from import confine_checkpoint
 from jobs.train.monitor import DeadExpertWatch, IntervalStats
 from jobs.train.optim import build_optimizer
 from jobs.train.perf import Meter, peak_flops
 from jobs.train.sampler import Sampler
-from jobs.train.samples import generate_samples
 from jobs.train.schedule import lr_at
 from jobs.train.step import Trainee, evaluate, perplexity, train_step
 from jobs.train.upcycling import confine, load_upcycled_weights, upcycle_source
