@@ -95,7 +95,7 @@ def throughput(tokenizer_path: Path, lines: list[str], megabytes: int) -> dict:
 
     from pipeline.clean import CleanStage
     from pipeline.config import CleanConfig, PrepareConfig
-    from pipeline.readers import read_records
+    from pipeline.source_readers import read_records
     from pipeline.sources import list_sources
     from pipeline.stage import ReadStage, records_table
     from pipeline.tokenize_stage import TokenizeStage

@@ -16,10 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from jobs.service.config import ClusterConfig, EvaluateConfig, RegistryConfig, ScheduleConfig
 from jobs.train.config import TrainConfig
 from pipeline.config import PrepareConfig
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+from pipeline.config_base import Section
 
 
 class StorageConfig(Section):

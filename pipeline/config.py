@@ -9,12 +9,9 @@ base's instead), which are left out of it so that a rerun on a bigger machine is
 
 from __future__ import annotations
 
-import re
 from typing import Any, Literal
 
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     SecretStr,
     ValidationInfo,
@@ -22,18 +19,14 @@ from pydantic import (
     model_validator,
 )
 
+from pipeline.config_base import NAME_PATTERN, Section
 from pipeline.naming import default_name
 from pipeline.redaction import redact
 
 RUNTIME_ONLY = ("num_workers", "batch_size", "s3", "incremental")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class CleanConfig(_Section):
+class CleanConfig(Section):
     """Normalisation is always on (NFC, control characters out); the filters can be tuned."""
 
     min_chars: int = Field(1, ge=1, description="Shorter documents are quarantined (too_short).")
@@ -57,13 +50,13 @@ class CleanConfig(_Section):
         return v
 
 
-class SpecialTokens(_Section):
+class SpecialTokens(Section):
     pad: str = "<pad>"
     bos: str = "<bos>"
     eos: str = "<eos>"
 
 
-class S3Options(_Section):
+class S3Options(Section):
     """Overrides of the standard AWS variables (``AWS_ENDPOINT_URL`` etc.); never logged."""
 
     endpoint_url: str | None = None
@@ -73,7 +66,7 @@ class S3Options(_Section):
     anon: bool = False
 
 
-class PrepareConfig(_Section):
+class PrepareConfig(Section):
     name: str = Field(
         "python-docs",
         description="Dataset name: a folder under datasets/; default: read off the inputs "
@@ -133,7 +126,7 @@ class PrepareConfig(_Section):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not _NAME.match(v):
+        if not NAME_PATTERN.match(v):
             raise ValueError("must be letters, digits, '.', '_' or '-'")
         return v
 

@@ -1,7 +1,7 @@
 """Which keys and values hold credentials, and copies of configs without them.
 
 Lives in ``pipeline`` (the lowest layer that writes anything a user shares: the
-manifest); ``jobs.security`` re-exports it for MLflow, Ray jobs, schedules and logs.
+manifest); MLflow, Ray jobs, schedules and logs in ``jobs`` import it from here.
 
 Two ways to keep a credential in: by key (``PGPASSWORD``, ``data.s3.secret``,
 ``apiKeys``) and by value (``https://user:pw@host``, ``?sig=...`` of a presigned

@@ -18,7 +18,7 @@ from typing import Literal
 import pyarrow as pa
 
 from pipeline.config import PrepareConfig
-from pipeline.readers import read_records
+from pipeline.source_readers import read_records
 from pipeline.sources import SourceFile
 
 RECORD_SCHEMA = pa.schema(

@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 import typer
 
-from jobs.commands.options import ConfigOpt, SetOpt
+from jobs.commands.options import ConfigOpt, SetOpt, flags_as_overrides
 
 InputOpt = Annotated[
     list[str] | None,
@@ -37,18 +37,14 @@ def flag_overrides(
     inputs: list[str] | None, output: str | None, seq_len: int | None, vocab_size: int | None
 ) -> list[str]:
     """The flags as ``--set`` items, applied after the user's own ``--set`` ones."""
-    import json
-
-    items = []
-    if inputs:
-        items.append(f"data.inputs={json.dumps(list(inputs))}")
-    if output is not None:
-        items.append(f"storage.root={json.dumps(output)}")
-    if seq_len is not None:
-        items.append(f"data.seq_len={seq_len}")
-    if vocab_size is not None:
-        items.append(f"data.vocab_size={vocab_size}")
-    return items
+    return flags_as_overrides(
+        {
+            "data.inputs": list(inputs) if inputs else None,
+            "storage.root": output,
+            "data.seq_len": seq_len,
+            "data.vocab_size": vocab_size,
+        }
+    )
 
 
 def prepare(

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
 from typing import Annotated
 
 import typer
 
-from jobs.commands.options import ConfigOpt, SetOpt
+from jobs.commands.options import ConfigOpt, SetOpt, flags_as_overrides
 
 DatasetOpt = Annotated[
     str, typer.Option("--dataset", "-d", help="Dataset folder (local or s3://), from prepare.")
@@ -27,22 +26,6 @@ FailuresOpt = Annotated[int | None, typer.Option("--max-failures", help="train.m
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="train.seed")]
 TrackingOpt = Annotated[str | None, typer.Option("--tracking-uri", help="tracking.uri")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
-
-_FLAG_KEYS = {
-    "preset": "model.preset",
-    "max_steps": "train.max_steps",
-    "num_workers": "train.num_workers",
-    "storage": "storage.root",
-    "checkpoint_every": "train.checkpoint_every",
-    "max_failures": "train.max_failures",
-    "seed": "train.seed",
-    "tracking_uri": "tracking.uri",
-}
-
-
-def flag_overrides(**flags) -> list[str]:
-    """The flags as ``--set`` items, applied after the user's own ``--set`` ones."""
-    return [f"{_FLAG_KEYS[k]}={json.dumps(v)}" for k, v in flags.items() if v is not None]
 
 
 def train(
@@ -65,15 +48,17 @@ def train(
     from jobs.settings import load_config
     from jobs.train.driver import train as run_train
 
-    extra = flag_overrides(
-        preset=preset,
-        max_steps=max_steps,
-        num_workers=num_workers,
-        storage=storage,
-        checkpoint_every=checkpoint_every,
-        max_failures=max_failures,
-        seed=seed,
-        tracking_uri=tracking_uri,
+    extra = flags_as_overrides(
+        {
+            "model.preset": preset,
+            "train.max_steps": max_steps,
+            "train.num_workers": num_workers,
+            "storage.root": storage,
+            "train.checkpoint_every": checkpoint_every,
+            "train.max_failures": max_failures,
+            "train.seed": seed,
+            "tracking.uri": tracking_uri,
+        }
     )
     cfg = load_config(RootConfig, config, [*(overrides or []), *extra])
     import ray

@@ -2,25 +2,21 @@
 
 from __future__ import annotations
 
-import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
-DEFAULT_PROMPTS = ["The", "def main(", "In this tutorial, we"]
+from jobs.train.config import DEFAULT_PROMPTS
+from pipeline.config_base import NAME_PATTERN, Section
+
 # Never shipped to a cluster: local environments, outputs, tracking stores, caches.
 DEFAULT_EXCLUDES = [
     ".venv", ".git", "outputs", "mlruns", "mlartifacts", "mlflow.db", "*.db",
     "__pycache__", ".pytest_cache", ".ruff_cache", "*.egg-info",
 ]  # fmt: skip
-_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class EvaluateConfig(_Section):
+class EvaluateConfig(Section):
     inputs: list[str] = Field(
         default_factory=list,
         description="Held-out text files/folders/globs (local or s3://), tokenized with the "
@@ -33,7 +29,7 @@ class EvaluateConfig(_Section):
     temperature: float = Field(0.0, ge=0.0, description="0 = greedy, so samples are repeatable.")
 
 
-class RegistryConfig(_Section):
+class RegistryConfig(Section):
     model_name: str = Field("moe-pretrain", description="Registered model name in MLflow.")
     gate: Literal["loss", "always", "never"] = Field(
         "loss", description="loss = champion moves only if the new eval loss beats it."
@@ -48,12 +44,12 @@ class RegistryConfig(_Section):
     @field_validator("model_name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not _MODEL_NAME.match(v):
+        if not NAME_PATTERN.match(v):
             raise ValueError(f"must be letters, digits, '.', '_' or '-', got {v!r}")
         return v
 
 
-class ScheduleConfig(_Section):
+class ScheduleConfig(Section):
     store: str = Field(
         "schedules.db", description="SQLite file holding the schedules and their run history."
     )
@@ -62,7 +58,7 @@ class ScheduleConfig(_Section):
     )
 
 
-class ClusterConfig(_Section):
+class ClusterConfig(Section):
     address: str | None = Field(
         None, description="Ray dashboard URL, http://HEAD:8265; default $RAY_ADDRESS if http(s)."
     )

@@ -17,9 +17,9 @@ from typing import Any
 
 from jobs.errors import JobError
 from jobs.service.cache import STAGES, StageCache
-from jobs.service.lineage import config_hash, git_commit
+from jobs.service.lineage import git_commit, run_config_hash
 from jobs.service.model_stages import evaluate_stage, register_stage
-from jobs.service.stages import Context, StageOutcome, ensure_ray, prepare_stage, train_stage
+from jobs.service.stages import Context, StageOutcome, join_job_cluster, prepare_stage, train_stage
 from jobs.service.submit import SUBMISSION_ENV
 from jobs.service.tracking import PIPELINE_TAG, SUBMISSION_TAG, Runs
 
@@ -54,8 +54,8 @@ def run_pipeline(cfg, force: Iterable[str] = (), run_name: str | None = None) ->
     ctx = Context(
         cfg, Runs(cfg), StageCache(cfg.storage.root, cfg.data.s3), force=check_force(force)
     )
-    ctx.lineage = {"lineage.config_hash": config_hash(cfg), "lineage.git_commit": git_commit()}
-    ensure_ray()
+    ctx.lineage = {"lineage.config_hash": run_config_hash(cfg), "lineage.git_commit": git_commit()}
+    join_job_cluster()
     tags = {PIPELINE_TAG: "true", **ctx.lineage}
     if os.environ.get(SUBMISSION_ENV):
         tags[SUBMISSION_TAG] = os.environ[SUBMISSION_ENV]

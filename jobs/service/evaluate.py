@@ -75,7 +75,7 @@ def heldout_set(
     inputs: list[str], data: PrepareConfig, tokenizer, eos_id: int, cfg: EvaluateConfig
 ) -> EvalSet | None:
     """Documents from ``inputs`` joined with EOS and cut into rows of ``seq_len + 1``."""
-    from pipeline.readers import read_records
+    from pipeline.source_readers import read_records
     from pipeline.sources import list_sources
 
     ids: list[int] = []

@@ -23,7 +23,7 @@ def stable_hash(payload: Any, length: int = 16) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 
-def config_hash(cfg) -> str:
+def run_config_hash(cfg) -> str:
     """Hash of the whole resolved config tree (secrets dump as stars, so they never count)."""
     return stable_hash(cfg.model_dump(mode="json"))
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.errors import JobError
-from jobs.security import split_secrets
+from pipeline.redaction import split_secrets
 
 ACTIVE = ("SUBMITTING", "PENDING", "RUNNING")
 SCHEMA = """

@@ -39,7 +39,7 @@ class StageOutcome:
     outputs: dict[str, Any]
 
 
-def ensure_ray() -> None:
+def join_job_cluster() -> None:
     """Inside a Ray job (``RAY_ADDRESS`` set), join that cluster before any stage runs.
 
     Elsewhere nothing starts here: the stages that need Ray (a prepare or a

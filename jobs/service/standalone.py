@@ -7,16 +7,16 @@ import hashlib
 from jobs.errors import JobError
 from jobs.service.cache import StageCache
 from jobs.service.evaluate import EvalResult, evaluate_model
-from jobs.service.lineage import config_hash, dataset_lineage, git_commit
+from jobs.service.lineage import dataset_lineage, git_commit, run_config_hash
 from jobs.service.model_stages import eval_sets, evaluate_stage, log_eval, register_stage
-from jobs.service.stages import Context, StageOutcome, ensure_ray
+from jobs.service.stages import Context, StageOutcome, join_job_cluster
 from jobs.service.tracking import Runs
 from jobs.train.init_from import confine_checkpoint
 
 
 def _context(cfg) -> Context:
     ctx = Context(cfg, Runs(cfg), StageCache(cfg.storage.root, cfg.data.s3))
-    ctx.lineage = {"lineage.config_hash": config_hash(cfg), "lineage.git_commit": git_commit()}
+    ctx.lineage = {"lineage.config_hash": run_config_hash(cfg), "lineage.git_commit": git_commit()}
     return ctx
 
 
@@ -35,7 +35,7 @@ def _dataset(ctx: Context, dataset: str | None, checkpoint: str | None) -> Stage
     if dataset is None:
         from pipeline.prepare import prepare
 
-        ensure_ray()
+        join_job_cluster()
         dataset = prepare(ctx.cfg.data, ctx.cfg.storage.root).uri
     reader = DatasetReader(dataset, ctx.cfg.data.s3)
     ctx.lineage.update(dataset_lineage(reader.manifest, reader.uri))

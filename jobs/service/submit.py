@@ -29,9 +29,9 @@ from typing import Any, NamedTuple
 
 from jobs.auth import ray_auth_headers
 from jobs.errors import JobError
-from jobs.security import IN_VALUE, redact_uri, split_secrets, strip_uri_credentials
 from jobs.service.config import ClusterConfig
 from jobs.service.lineage import GIT_ENV, git_commit
+from pipeline.redaction import IN_VALUE, redact_uri, split_secrets, strip_uri_credentials
 
 SUBMISSION_ENV = "MOE_PRETRAIN_SUBMISSION_ID"
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")

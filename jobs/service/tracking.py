@@ -14,8 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from jobs.security import redact
 from jobs.tracking import flatten_params, resolve_tracking_uri
+from pipeline.redaction import redact
 
 PIPELINE_TAG = "moe.pipeline"
 SUBMISSION_TAG = "moe.submission_id"

@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jobs.security import redact, redact_uri
 from jobs.tracking.base import flatten_params, resolve_tracking_uri
 from jobs.tracking.spool import KINDS, Spool
+from pipeline.redaction import redact, redact_uri
 
 log = logging.getLogger(__name__)
 

@@ -91,7 +91,8 @@ def _dcp_load(state_dict: dict[str, Any], path: Path) -> None:
     dcp_load(state_dict, path / DCP_DIR, path)
 
 
-def config_hash(cfg: ModelConfig) -> str:
+def model_config_hash(cfg: ModelConfig) -> str:
+    """Hash of the model's architecture alone: a resume must rebuild the same model."""
     text = json.dumps(cfg.to_dict(), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -180,11 +181,11 @@ def check_resume(
             f"(checkpoint {state.dataset_fingerprint}, now {fingerprint}); "
             "use a new --run-name to start over"
         )
-    if state.model_config_hash != config_hash(model_cfg):
+    if state.model_config_hash != model_config_hash(model_cfg):
         change = (
             describe_model_change(saved_model, model_cfg)
             if saved_model
-            else f"hash {state.model_config_hash} -> {config_hash(model_cfg)}"
+            else f"hash {state.model_config_hash} -> {model_config_hash(model_cfg)}"
         )
         raise JobError(
             f"cannot resume from {where}: model config changed ({change}); "

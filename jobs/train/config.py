@@ -10,16 +10,15 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from jobs.settings import ConfigError
+from pipeline.config_base import Section
 
 DEFAULT_PROMPTS = ["The", "def main(", "In this tutorial, we"]
 
 
-class TrainConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
+class TrainConfig(Section):
     max_steps: int = Field(200, gt=0, description="Optimizer steps in total (resumes count on).")
     seed: int = Field(0, description="Seeds the weights, the data order and per-step RNG.")
     init_from: str | None = Field(

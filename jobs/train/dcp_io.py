@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
 
 from jobs.errors import JobError
-from jobs.security import UnsafeLoadError, safe_dcp_reader
+from jobs.safe_load import UnsafeLoadError, safe_dcp_reader
 
 _ABSENT = object()
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from jobs.config import RootConfig
 from jobs.errors import JobError
-from jobs.security import is_secret_key, safe_join
+from jobs.paths import safe_join
 from jobs.settings import ConfigError
 from jobs.tracking.base import resolve_tracking_uri
 from jobs.train.checkpoint import check_resume
@@ -27,6 +27,7 @@ from jobs.train.init_from import confine_checkpoint
 from jobs.train.runs import latest_checkpoint, ray_storage, runs_uri
 from pipeline.errors import PipelineError
 from pipeline.locks import storage_lock
+from pipeline.redaction import is_secret_key
 
 log = logging.getLogger("jobs.train")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from jobs.security import PathEscapeError, ensure_within
+from jobs.paths import PathEscapeError, ensure_within
 
 
 def _is_local(uri: str) -> bool:

@@ -25,9 +25,9 @@ from jobs.tracking.artifacts import RoutingArtifacts
 from jobs.train.checkpoint import (
     TrainerState,
     check_resume,
-    config_hash,
     load_model_weights,
     load_training_checkpoint,
+    model_config_hash,
     read_state,
     remove_dir,
     save_checkpoint,
@@ -35,12 +35,12 @@ from jobs.train.checkpoint import (
 from jobs.train.data import TrainBatches, val_batches
 from jobs.train.distributed import all_reduce_sum, parallelize, uses_fsdp
 from jobs.train.env import WorkerEnv
+from jobs.train.generations import generate_samples
 from jobs.train.init_from import confine_checkpoint
 from jobs.train.monitor import DeadExpertWatch, IntervalStats
 from jobs.train.optim import build_optimizer
 from jobs.train.perf import Meter, peak_flops
 from jobs.train.sampler import Sampler
-from jobs.train.samples import generate_samples
 from jobs.train.schedule import lr_at
 from jobs.train.step import Trainee, evaluate, perplexity, train_step
 from jobs.train.upcycling import confine, load_upcycled_weights, upcycle_source
@@ -93,7 +93,7 @@ def build(
     state = TrainerState(
         dataset_uri=dataset_uri,
         dataset_fingerprint=reader.fingerprint,
-        model_config_hash=config_hash(model_cfg),
+        model_config_hash=model_config_hash(model_cfg),
         seed=cfg.seed,
         world_size=env.world_size,
         global_batch_size=global_batch,

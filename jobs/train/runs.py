@@ -10,12 +10,9 @@ from typing import Any
 
 from jobs.train.checkpoint import MODEL_CONFIG_FILE, STATE_FILE, TrainerState
 from jobs.train.commit import is_committed
+from pipeline.storage import is_remote
 
 CHECKPOINT_NAME = re.compile(r"checkpoint_\d{8}")
-
-
-def is_remote(uri: str) -> bool:
-    return "://" in uri and not uri.startswith("file://")
 
 
 def runs_uri(storage_root: str) -> str:

@@ -20,7 +20,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
 from jobs.errors import JobError
-from jobs.security import ensure_within
+from jobs.paths import ensure_within
 from moe_model import ModelConfig
 from moe_model.upcycle import (
     UpcycleError,

@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 
 from conftest import interpolations
 
-from jobs.security import is_secret_key
+from pipeline.redaction import is_secret_key
 
 # A whole value taken from .env, required: ${VAR:?message}
 from_env = re.compile(r"^\$\{[A-Z0-9_]+:\?[^}]*\}$")

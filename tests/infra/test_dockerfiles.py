@@ -12,7 +12,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from jobs.security import is_secret_key
+from pipeline.redaction import is_secret_key
 
 try:
     import tomllib

@@ -20,7 +20,7 @@ import kustomize_render
 import pytest
 import yaml
 
-from jobs.security import is_secret_key
+from pipeline.redaction import is_secret_key
 
 K8S_VERSION = kubernetes_validate.latest_version()
 CRON = re.compile(r"^(\S+\s+){4}\S+$")

@@ -8,18 +8,16 @@ from pydantic import SecretStr
 
 from jobs.auth import check_mlflow_credentials, ray_auth_headers
 from jobs.errors import JobError
-from jobs.security import (
+from jobs.paths import PathEscapeError, ensure_within, safe_join
+from jobs.train import driver
+from pipeline.redaction import (
     REDACTED,
-    PathEscapeError,
-    ensure_within,
     is_secret_key,
     redact,
     redact_uri,
-    safe_join,
     split_secrets,
     strip_uri_credentials,
 )
-from jobs.train import driver
 
 SECRET_KEYS = [
     "password", "secret", "token", "key", "credentials", "api_key", "apiKey", "hf_token",

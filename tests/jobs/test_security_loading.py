@@ -14,7 +14,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
-from jobs.security import UnsafeLoadError, safe_dcp_reader, safe_torch_load
+from jobs.safe_load import UnsafeLoadError, safe_dcp_reader, safe_torch_load
 from jobs.train import checkpoint
 from moe_model import hf
 

@@ -19,7 +19,8 @@ from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
 
 from jobs.config import RootConfig
 from jobs.errors import JobError
-from jobs.security import PathEscapeError, safe_dcp_reader
+from jobs.paths import PathEscapeError
+from jobs.safe_load import safe_dcp_reader
 from jobs.settings import load_config
 from jobs.train import loop
 from jobs.train.commit import COMMIT_FILE, write_commit

@@ -16,9 +16,9 @@ from jobs.tracking.artifacts import RoutingArtifacts
 from jobs.train.checkpoint import (
     TrainerState,
     check_resume,
-    config_hash,
     load_checkpoint_model,
     load_training_checkpoint,
+    model_config_hash,
     save_checkpoint,
 )
 from jobs.train.commit import write_commit
@@ -164,7 +164,7 @@ def test_checkpoint_round_trip_is_exact_and_holds_no_pickles(tmp_path):
     train_step(tr, _batches(seed=1), lr=1e-3, grad_clip=1.0, poison=False)
     cfg = tr.raw.config
     state = TrainerState(
-        step=1, samples_seen=4, dataset_fingerprint="fp", model_config_hash=config_hash(cfg)
+        step=1, samples_seen=4, dataset_fingerprint="fp", model_config_hash=model_config_hash(cfg)
     )
     save_checkpoint(tmp_path / "ck", tr.module, tr.optimizer, state, cfg, rank=0)
     files = sorted(p.name for p in (tmp_path / "ck").rglob("*") if p.is_file())
@@ -174,7 +174,7 @@ def test_checkpoint_round_trip_is_exact_and_holds_no_pickles(tmp_path):
     # Only tensors in DCP: nothing there would be decoded with torch.load(weights_only=False).
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
-    from jobs.security import safe_dcp_reader
+    from jobs.safe_load import safe_dcp_reader
 
     entries = safe_dcp_reader(tmp_path / "ck" / "dcp").read_metadata().state_dict_metadata
     assert not [k for k, v in entries.items() if isinstance(v, BytesStorageMetadata)]
@@ -199,7 +199,7 @@ def test_checkpoint_round_trip_is_exact_and_holds_no_pickles(tmp_path):
 
 def test_resume_refuses_another_dataset_or_model_and_says_which():
     cfg = ModelConfig.preset("debug")
-    state = TrainerState(dataset_fingerprint="aaa", model_config_hash=config_hash(cfg))
+    state = TrainerState(dataset_fingerprint="aaa", model_config_hash=model_config_hash(cfg))
     check_resume(state, "aaa", cfg, "ckpt")
     with pytest.raises(JobError, match="dataset fingerprint changed.*aaa.*bbb"):
         check_resume(state, "bbb", cfg, "ckpt")

@@ -344,7 +344,7 @@ def test_ray_env_kill_hook_fires_once_per_run_and_step(tmp_path):
 
 
 def test_a_run_name_cannot_write_outside_the_storage_root(dataset, tmp_path):
-    from jobs.security import PathEscapeError
+    from jobs.paths import PathEscapeError
 
     cfg = config(f"storage.root={tmp_path / 'root'}")
     with pytest.raises(PathEscapeError, match="outside the storage root"):

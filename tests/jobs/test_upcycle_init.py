@@ -14,7 +14,7 @@ import torch
 
 from jobs.config import RootConfig
 from jobs.errors import JobError
-from jobs.security import PathEscapeError
+from jobs.paths import PathEscapeError
 from jobs.settings import load_config
 from jobs.train import loop
 from jobs.train.checkpoint import load_checkpoint_model

@@ -78,7 +78,7 @@ def test_secrets_never_reach_the_manifest_config():
 
 def test_builtin_source_that_does_not_parse_is_quarantined(tmp_path, monkeypatch):
     from pipeline import builtin_corpus
-    from pipeline.readers import read_records
+    from pipeline.source_readers import read_records
     from tests.pipeline.conftest import tiny_config
 
     (tmp_path / "good.py").write_text('"""Fine module."""\n')

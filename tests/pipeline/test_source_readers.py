@@ -12,7 +12,7 @@ import pytest
 import zstandard
 
 from pipeline.compression import LineSplitter
-from pipeline.readers import read_records
+from pipeline.source_readers import read_records
 from pipeline.sources import detect_format, list_sources
 from tests.pipeline.conftest import tiny_config, write_jsonl
 

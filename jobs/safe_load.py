@@ -1,12 +1,9 @@
-"""Keep secrets out of tracking, writes inside the storage root, and pickles out of loaders.
+"""Pickles stay out of loaders.
 
-Everything logged to MLflow (params, tags, artifacts) passes through
-``redact`` first: a credential in a config or a URI never reaches the server.
-Every path that comes from a config or the model registry goes through
-``ensure_within`` before anything is written there. Tensor files are read with
-``safe_torch_load`` and DCP checkpoints through ``safe_dcp_reader``, which never run
-pickled code (``torch.load`` without ``weights_only=True``, and DCP's own metadata
-reader, execute arbitrary ``__reduce__`` payloads).
+Tensor files are read with ``safe_torch_load`` and DCP checkpoints through
+``safe_dcp_reader``, which never run pickled code (``torch.load`` without
+``weights_only=True``, and DCP's own metadata reader, execute arbitrary
+``__reduce__`` payloads).
 """
 
 from __future__ import annotations
@@ -14,90 +11,15 @@ from __future__ import annotations
 import io
 import os
 import pickle
-import posixpath
 import re
-from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from jobs.errors import JobError
-
-# Redaction lives in ``pipeline`` (the manifest needs it too); re-exported for every caller here.
-from pipeline.redaction import (
-    IN_VALUE,
-    REDACTED,
-    is_credential,
-    is_secret_key,
-    redact,
-    redact_uri,
-    split_secrets,
-    strip_uri_credentials,
-)
-
-__all__ = [
-    "IN_VALUE", "REDACTED", "PathEscapeError", "UnsafeLoadError", "ensure_within", "is_credential",
-    "is_secret_key", "redact", "redact_uri", "safe_dcp_reader", "safe_join", "safe_torch_load",
-    "split_secrets", "strip_uri_credentials",
-]  # fmt: skip
-
-
-class PathEscapeError(JobError):
-    """A path from a config or the registry points outside the configured storage root."""
+from jobs.paths import has_remote_scheme
 
 
 class UnsafeLoadError(JobError):
     """A model or checkpoint file would need unpickling arbitrary objects to load."""
-
-
-def _is_remote(uri: str) -> bool:
-    scheme = urlsplit(uri).scheme
-    return len(scheme) > 1 and scheme != "file"  # one letter is a Windows drive
-
-
-def _local(path: str) -> str:
-    return urlsplit(path).path if path.startswith("file://") else path
-
-
-def ensure_within(root: str, path: str) -> str:
-    """``path`` normalised, if it lies inside ``root``; else ``PathEscapeError``.
-
-    Relative paths are taken relative to ``root``. Works for local folders
-    (symlinks resolved, so a link cannot lead out) and for object stores
-    (``s3://bucket/prefix``: same scheme, same bucket, under the prefix).
-    """
-    root, path = str(root), str(path)
-    if not path or "\x00" in path:
-        raise PathEscapeError(f"path {path!r} is empty or contains a NUL byte")
-    if _is_remote(root):
-        return _within_remote(root, path)
-    if _is_remote(path):
-        raise PathEscapeError(f"path {path!r} is outside the storage root {root!r}")
-    base = Path(_local(root)).expanduser().resolve()
-    target = (base / Path(_local(path)).expanduser()).resolve()
-    if target != base and base not in target.parents:
-        raise PathEscapeError(f"path {path!r} is outside the storage root {root!r}")
-    return str(target)
-
-
-def _within_remote(root: str, path: str) -> str:
-    base = urlsplit(root)
-    prefix = posixpath.normpath("/" + base.path.strip("/"))
-    if _is_remote(path):
-        target = urlsplit(path)
-        same_place = (target.scheme, target.netloc) == (base.scheme, base.netloc)
-        key = posixpath.normpath("/" + target.path.lstrip("/"))
-    else:
-        same_place = not path.startswith("/")
-        key = posixpath.normpath(posixpath.join(prefix, path))
-    inside = key == prefix or key.startswith(prefix.rstrip("/") + "/")
-    if not (same_place and inside):
-        raise PathEscapeError(f"path {path!r} is outside the storage root {root!r}")
-    return f"{base.scheme}://{base.netloc}{key}".rstrip("/")
-
-
-def safe_join(root: str, *parts: str) -> str:
-    """``root`` joined with ``parts`` (names from configs, run names...), refused if it escapes."""
-    return ensure_within(root, posixpath.join(*parts) if parts else ".")
 
 
 def safe_torch_load(path: str | os.PathLike | io.IOBase, map_location: str = "cpu") -> Any:
@@ -106,7 +28,7 @@ def safe_torch_load(path: str | os.PathLike | io.IOBase, map_location: str = "cp
 
     name = getattr(path, "name", path)
     source = path
-    if isinstance(path, (str, os.PathLike)) and _is_remote(str(path)):
+    if isinstance(path, (str, os.PathLike)) and has_remote_scheme(str(path)):
         import fsspec
 
         with fsspec.open(str(path), "rb") as f:
