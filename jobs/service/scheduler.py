@@ -21,6 +21,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from jobs.errors import JobError
+from jobs.security import redact_uri
 from jobs.service import submit
 from jobs.service.schedule_store import ACTIVE, Schedule, ScheduleStore
 
@@ -165,7 +166,8 @@ def outcome(sched: Schedule, sid: str) -> dict[str, str]:
     try:
         run = find_pipeline_run(_root(sched.tree), sid)
     except Exception as e:  # tracking down must not stop the scheduler
-        log.warning("%s: MLflow lookup failed: %s", sid, e)
+        # MLflow names the URL it failed to reach, userinfo included.
+        log.warning("%s: MLflow lookup failed: %s", sid, redact_uri(str(e)))
         return {}
     if run is None:
         return {}
