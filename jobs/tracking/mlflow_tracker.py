@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from jobs.auth import check_mlflow_credentials
 from jobs.security import redact, redact_uri
 from jobs.tracking.base import flatten_params, resolve_tracking_uri
 from jobs.tracking.spool import KINDS, Spool
@@ -63,6 +64,7 @@ class MlflowTracker:
         spool_uri: str | None = None,
         spool_interval_s: float = 5.0,
     ) -> None:
+        check_mlflow_credentials()  # in the caller's thread: the delivery thread would only retry
         for key, value in _HTTP_DEFAULTS.items():
             os.environ.setdefault(key, value)
         self.uri = resolve_tracking_uri(uri)
