@@ -7,6 +7,7 @@ ray, mlflow) happen inside the commands so ``--help`` stays instant.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 import typer
@@ -30,6 +31,19 @@ COMMAND_MODULES = (
     "scheduler",
 )
 
+# MLflow 3 sends usage data to a third party by default, and its telemetry thread sets and
+# unsets ``_MLFLOW_TELEMETRY_SESSION_ID`` in os.environ while other threads iterate os.environ
+# (KeyError). Off unless the user says otherwise; the ``MLFLOW_`` prefix carries the setting
+# to the training workers (``jobs.train.driver._forwarded_env``).
+ENV_DEFAULTS = {"MLFLOW_DISABLE_TELEMETRY": "true"}
+
+
+def set_env_defaults() -> None:
+    """``ENV_DEFAULTS`` into os.environ where the user has not set them: before mlflow is imported."""
+    for key, value in ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
 app = typer.Typer(
     name="moe-pretrain",
     help="Pretrain Mixtral-style MoE models: prepare data, train, evaluate, register.",
@@ -43,6 +57,7 @@ for _name in COMMAND_MODULES:
 
 
 def main() -> None:
+    set_env_defaults()
     try:
         app()
     except (ConfigError, PipelineError, JobError) as e:

@@ -23,6 +23,7 @@ from typing import Any
 from jobs.errors import JobError
 from jobs.service import submit
 from jobs.service.schedule_store import ACTIVE, Schedule, ScheduleStore
+from pipeline.redaction import redact_uri
 
 log = logging.getLogger("moe_pretrain.scheduler")
 # Submission ids that a fire in this process is submitting (see ``refresh_run``).
@@ -165,7 +166,8 @@ def outcome(sched: Schedule, sid: str) -> dict[str, str]:
     try:
         run = find_pipeline_run(_root(sched.tree), sid)
     except Exception as e:  # tracking down must not stop the scheduler
-        log.warning("%s: MLflow lookup failed: %s", sid, e)
+        # MLflow names the URL it failed to reach, userinfo included.
+        log.warning("%s: MLflow lookup failed: %s", sid, redact_uri(str(e)))
         return {}
     if run is None:
         return {}

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from jobs.auth import check_mlflow_credentials
 from jobs.tracking import flatten_params, resolve_tracking_uri
 from pipeline.redaction import redact
 
@@ -25,8 +26,10 @@ _MAX_PARAM_LEN = 6000
 
 
 def make_client(cfg):
+    """The pipeline's MLflow client; half a pair of credentials is refused here, before any work."""
     from mlflow import MlflowClient
 
+    check_mlflow_credentials()
     uri = resolve_tracking_uri(cfg.tracking.uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 

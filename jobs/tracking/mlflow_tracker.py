@@ -8,7 +8,8 @@ writes them to the spool (``jobs.tracking.spool``; the trainer's lives in the
 run's folder) at most every ``spool_interval_s``, or at once when ``flush()``
 asks, which the loop does at every checkpoint. The next tracker of the same run
 (its resume) delivers the spool first, then deletes it. ``close()`` keeps
-retrying until its deadline, spools what is left and says where, and why.
+retrying until its deadline, spools what is left and says where, and why. The
+writes themselves and the retry schedule are ``jobs.tracking.delivery``'s.
 """
 
 from __future__ import annotations
@@ -25,20 +26,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from jobs.auth import check_mlflow_credentials
 from jobs.tracking.base import flatten_params, resolve_tracking_uri
+from jobs.tracking.delivery import MlflowRun, Retry, classify
 from jobs.tracking.spool import KINDS, Spool
 from pipeline.redaction import redact, redact_uri
 
 log = logging.getLogger(__name__)
 
-RUN_KEY_TAG = "moe.run_key"
-_MAX_METRICS_PER_BATCH = 1000
-_MAX_PARAMS_PER_BATCH = 100
 _MAX_PARAM_LEN = 6000
 # MLflow's REST client retries a dead server for minutes by default; the thread
 # retries on its own schedule instead, so each attempt should fail fast.
 _HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
-_MAX_BACKOFF_S = 60.0
 
 
 @dataclass
@@ -63,45 +62,49 @@ class MlflowTracker:
         spool_uri: str | None = None,
         spool_interval_s: float = 5.0,
     ) -> None:
+        check_mlflow_credentials()  # in the caller's thread: the delivery thread would only retry
         for key, value in _HTTP_DEFAULTS.items():
             os.environ.setdefault(key, value)
         self.uri = resolve_tracking_uri(uri)
         self.shown_uri = redact_uri(self.uri)  # what logs say: never the URI's userinfo
-        self.experiment = experiment
-        self.run_name = run_name
-        self.run_key = run_key or run_name
-        self.parent_run_id = parent_run_id
-        self.system_metrics = system_metrics
-        self.retry_interval_s = retry_interval_s
+        self.run = MlflowRun(
+            self.uri, experiment, run_name, run_key or run_name, parent_run_id, system_metrics
+        )
+        self.retry = Retry(retry_interval_s)
         self.close_timeout_s = close_timeout_s
         self.spool_dir = Path(spool_dir or tempfile.mkdtemp(prefix="moe-mlflow-spool-"))
         self.spool = Spool(spool_uri or str(self.spool_dir))
         self.spool_interval_s = spool_interval_s
-        self.run_id: str | None = None
-        self.resumed = False
         self.delivered = 0
         self.dropped = 0
         self.replayed = 0  # items read back from an earlier process's spool
-        self.refused: int | None = None  # 401/403 while the server refuses our credentials
         self._logged = 0  # seq of the last item logged
         self._safe = 0  # every item up to this seq is delivered, dropped or spooled
         self._queue: queue.Queue = queue.Queue()
         self._pending: list[_Entry] = []
         self._artifact_seq = 0
-        self._client = None
-        self._monitor = None
-        self._warned: str | None = None  # why the last delivery failed, until one succeeds
         self._status = "FINISHED"
         self._closing = False
-        self._next_try = 0.0
-        self._backoff = retry_interval_s
         self._last_spool = -float("inf")
         self._spool_now = False
         self._spool_failed = False
         self._wake = threading.Event()
         self._run_ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="mlflow-tracker", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name="mlflow-tracker", daemon=True)
         self._thread.start()
+
+    @property
+    def run_id(self) -> str | None:
+        return self.run.run_id
+
+    @property
+    def resumed(self) -> bool:
+        return self.run.resumed
+
+    @property
+    def refused(self) -> int | None:
+        """The HTTP status (401/403) while the server refuses our credentials, else None."""
+        return self.retry.refused
 
     # -- the non-blocking interface ------------------------------------------------------
 
@@ -159,13 +162,13 @@ class MlflowTracker:
 
     # -- the background thread ----------------------------------------------------------
 
-    def _run(self) -> None:
+    def _loop(self) -> None:
         self._replay()
         deadline = None
         while True:
             self._drain(block=not self._pending and not self._closing)
             self._spool_if_due()  # before a retry that may hang on a stuck server
-            if time.monotonic() >= self._next_try or (self._closing and deadline is None):
+            if time.monotonic() >= self.retry.next_try or (self._closing and deadline is None):
                 self._try_deliver()
             self._spool_if_due()
             if self._closing:
@@ -192,8 +195,8 @@ class MlflowTracker:
             pass
 
     def _next_wake(self) -> float:
-        wake = self._next_try
-        if self._warned and self._pending[-1].segment is None:
+        wake = self.retry.next_try
+        if self.retry.warned and self._pending[-1].segment is None:
             wake = min(wake, self._last_spool + self.spool_interval_s)
         return wake
 
@@ -221,7 +224,10 @@ class MlflowTracker:
     def _spool_if_due(self, force: bool = False) -> None:
         """While MLflow is down (or refuses us), write what is not in the spool yet: at most
         every ``spool_interval_s``, at once when ``flush()`` or ``close()`` asks."""
-        if not (self._pending and (self._warned or force)) or self._pending[-1].segment is not None:
+        if (
+            not (self._pending and (self.retry.warned or force))
+            or self._pending[-1].segment is not None
+        ):
             return
         now = time.monotonic()
         due = force or self._spool_now or now >= self._last_spool + self.spool_interval_s
@@ -259,10 +265,10 @@ class MlflowTracker:
     def _try_deliver(self) -> None:
         while True:
             try:
-                self._ensure_run()
+                self._open_run()
                 self._deliver()
             except Exception as e:
-                why = _classify(e)
+                why = classify(e)
                 if why == "rejected" and self.run_id is not None:
                     log.warning(
                         "MLflow rejected an item, dropping it: %s", redact_uri(str(e))[:300]
@@ -274,27 +280,16 @@ class MlflowTracker:
                     continue
                 self._failed(why, e)
                 return
-            if self._warned:
+            if self.retry.succeeded():
                 log.warning(
                     "MLflow at %s is reachable again; delivered the backlog", self.shown_uri
                 )
-                self._warned = None
-            self.refused = None
-            self._backoff = self.retry_interval_s
-            self._next_try = 0.0
             return
 
     def _failed(self, why: str, err: Exception) -> None:
-        """Keep everything, warn once per outage, and schedule the next try (429: backoff)."""
-        wait = self.retry_interval_s
-        if why == "busy":
-            wait, self._backoff = self._backoff, min(self._backoff * 2, _MAX_BACKOFF_S)
-        self._next_try = time.monotonic() + wait
-        if why == "refused":
-            self.refused = err.get_http_status_code()
-        if self._warned == why:
+        """Keep everything, and warn once per outage."""
+        if not self.retry.failed(why, err):
             return
-        self._warned = why
         if why == "refused":
             log.warning(
                 "MLflow at %s refused our credentials (HTTP %d); training goes on, metrics "
@@ -311,113 +306,26 @@ class MlflowTracker:
                 redact_uri(str(err).splitlines()[0])[:200],
             )
 
-    def _ensure_run(self) -> None:
-        if self.run_id is not None:
-            return
-        from mlflow import MlflowClient
-
-        self._client = MlflowClient(self.uri)
-        exp_id = self._experiment_id()
-        existing = self._client.search_runs(
-            [exp_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{self.run_key}'", max_results=1
-        )
-        if existing:
-            self.run_id = existing[0].info.run_id
-            self.resumed = True
-            self._client.update_run(self.run_id, status="RUNNING")
-        else:
-            tags = {RUN_KEY_TAG: self.run_key}
-            if self.parent_run_id:
-                tags["mlflow.parentRunId"] = self.parent_run_id
-            run = self._client.create_run(exp_id, run_name=self.run_name, tags=tags)
-            self.run_id = run.info.run_id
-        self._run_ready.set()
-        if self.system_metrics:
-            self._start_system_metrics()
-
-    def _experiment_id(self) -> str:
-        exp = self._client.get_experiment_by_name(self.experiment)
-        if exp is not None:
-            return exp.experiment_id
-        try:
-            return self._client.create_experiment(self.experiment)
-        except Exception:
-            exp = self._client.get_experiment_by_name(self.experiment)
-            if exp is None:
-                raise
-            return exp.experiment_id
-
-    def _start_system_metrics(self) -> None:
-        try:
-            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-            self._monitor = SystemMetricsMonitor(
-                self.run_id, resume_logging=self.resumed, tracking_uri=self.uri
-            )
-            self._monitor.start()
-        except Exception as e:
-            log.warning("MLflow system metrics are off: %s", redact_uri(str(e)))
+    def _open_run(self) -> None:
+        if self.run.open():
+            self._run_ready.set()
+            self.run.start_system_metrics()
 
     def _deliver(self) -> None:
         while self._pending:
-            kind, *args = self._pending[0].item
-            if kind == "metrics":
-                done = self._deliver_metrics()
-            else:
-                if kind == "params":
-                    self._deliver_params(args[0])
-                elif kind == "tags":
-                    self._deliver_tags(args[0])
-                else:
-                    self._client.log_artifact(self.run_id, args[0], args[1])
-                done = 1
+            done = self.run.write(e.item for e in self._pending)
             delivered, self._pending = self._pending[:done], self._pending[done:]
             self._safe = max(self._safe, delivered[-1].seq)
             self._release(delivered)
             self.delivered += done
 
-    def _deliver_metrics(self) -> int:
-        """Send the leading run of metric items as one batch; returns how many it took."""
-        from mlflow.entities import Metric
-
-        batch, taken = [], 0
-        for entry in self._pending:
-            item = entry.item
-            if item[0] != "metrics" or len(batch) + len(item[1]) > _MAX_METRICS_PER_BATCH:
-                break
-            _, values, step, ts = item
-            batch.extend(Metric(k, v, ts, step) for k, v in values.items())
-            taken += 1
-        if taken == 0:
-            _, values, step, ts = self._pending[0].item
-            batch, taken = [Metric(k, v, ts, step) for k, v in values.items()], 1
-        self._client.log_batch(self.run_id, metrics=batch)
-        return taken
-
-    def _deliver_params(self, params: dict[str, str]) -> None:
-        from mlflow.entities import Param
-
-        known = self._client.get_run(self.run_id).data.params if self.resumed else {}
-        fresh = [Param(k, v) for k, v in params.items() if k not in known]
-        for i in range(0, len(fresh), _MAX_PARAMS_PER_BATCH):
-            self._client.log_batch(self.run_id, params=fresh[i : i + _MAX_PARAMS_PER_BATCH])
-
-    def _deliver_tags(self, tags: dict[str, str]) -> None:
-        from mlflow.entities import RunTag
-
-        self._client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
-
     def _finish(self) -> None:
-        if self._monitor is not None:
-            self._monitor.finish()
+        self.run.stop_system_metrics()
         if self._pending:
             self._spool_if_due(force=True)
             self._report_undelivered()
             return
-        try:
-            self._client.set_terminated(self.run_id, status=self._status)
-        except Exception as e:
-            log.warning("could not end MLflow run %s: %s", self.run_id, redact_uri(str(e)))
+        self.run.end(self._status)
 
     def _report_undelivered(self) -> None:
         metrics = sum(len(e.item[1]) for e in self._pending if e.item[0] == "metrics")
@@ -442,23 +350,6 @@ class MlflowTracker:
 def _param_value(value: Any) -> str:
     text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
     return text[:_MAX_PARAM_LEN]
-
-
-def _classify(err: Exception) -> str:
-    """``down`` (connection trouble, 5xx) and ``busy`` (429) are retried, ``refused``
-    (401/403) is spooled until the credentials work again; any other 4xx is ``rejected``:
-    that item never succeeds."""
-    get_status = getattr(err, "get_http_status_code", None)
-    if get_status is None:
-        return "down"
-    text = str(err)
-    if "too many 429 error responses" in text or get_status() == 429:
-        return "busy"  # MLflow's HTTP client reports a 429 as a retry error
-    if "Max retries exceeded" in text or "Connection" in text or "timed out" in text:
-        return "down"
-    if get_status() in (401, 403):
-        return "refused"
-    return "down" if get_status() >= 500 else "rejected"
 
 
 @dataclass

@@ -217,3 +217,21 @@ def closing_db(path: str):
     db = sqlite3.connect(path)
     db.isolation_level = None  # autocommit
     return closing(db)
+
+
+def test_a_failed_mlflow_lookup_is_logged_without_credentials(monkeypatch, caplog):
+    """The daemon's own ``$MLFLOW_TRACKING_URI`` may carry userinfo, and MLflow names the URL
+    it failed to reach: the warning shows it redacted."""
+    from servers import free_port
+
+    from jobs.service.schedule_store import Schedule
+    from jobs.service.scheduler import outcome
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://ops:hunter2@127.0.0.1:{free_port()}")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    sched = Schedule("nightly", {"every": 60}, {}, "http://127.0.0.1:8265", False)
+    with caplog.at_level("WARNING", logger="moe_pretrain.scheduler"):
+        assert outcome(sched, "nightly-20260101T000000Z") == {}
+    assert "MLflow lookup failed" in caplog.text
+    assert "hunter2" not in caplog.text
+    assert "http://***@127.0.0.1" in caplog.text

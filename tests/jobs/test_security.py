@@ -3,6 +3,11 @@ credentials come from the environment only."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 from pydantic import SecretStr
 
@@ -224,6 +229,36 @@ def test_mlflow_credentials_come_as_a_pair():
     assert check_mlflow_credentials({}) is False
     with pytest.raises(JobError, match="MLFLOW_TRACKING_PASSWORD is not"):
         check_mlflow_credentials({"MLFLOW_TRACKING_USERNAME": "u"})
+
+
+def test_run_refuses_a_lone_mlflow_username_before_any_work(tmp_path):
+    """``moe-pretrain run`` with half the MLflow credentials: one line naming both variables,
+    exit 2, before Ray or the data are touched (the input does not even exist)."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_PASSWORD"}
+    env["MLFLOW_TRACKING_USERNAME"] = "pipeline"
+    cli = str(Path(sys.executable).parent / "moe-pretrain")
+    sets = [f"data.inputs=[{tmp_path / 'missing.txt'}]", f"storage.root={tmp_path / 'root'}"]
+    done = subprocess.run(
+        [cli, "run", *(f"--set={s}" for s in sets)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        "error: MLFLOW_TRACKING_USERNAME is set but MLFLOW_TRACKING_PASSWORD is not: "
+        "set both or neither"
+    )
+    assert not (tmp_path / "root").exists()
+
+
+def test_the_trainers_tracker_refuses_a_lone_mlflow_password(monkeypatch, tmp_path):
+    from jobs.tracking.mlflow_tracker import MlflowTracker
+
+    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "p")
+    with pytest.raises(
+        JobError, match="MLFLOW_TRACKING_PASSWORD is set but MLFLOW_TRACKING_USERNAME"
+    ):
+        MlflowTracker(uri=f"sqlite:///{tmp_path}/m.db", run_name="r", spool_dir=str(tmp_path))
 
 
 def test_mlflow_client_reads_the_credentials_itself(monkeypatch):

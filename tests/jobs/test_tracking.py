@@ -146,7 +146,7 @@ def test_logging_never_blocks_and_an_outage_loses_nothing(mlflow_server):
     assert tracker.run_id is None  # nothing could have reached the server yet
     proxy.release()
     time.sleep(1.0)
-    assert tracker.run_id is None and tracker._warned
+    assert tracker.run_id is None and tracker.retry.warned
     proxy.up = True
     assert tracker.wait_for_run(timeout=30) is not None
     tracker.log({"train/loss": 51.0}, 51)
