@@ -62,23 +62,19 @@ class ModelSection(BaseModel):
     def build(self, data_vocab_size: int | None = None):
         """The model's config; ``data_vocab_size`` (the dataset's) sets V unless the user did."""
         from moe_model import ModelConfig
+        from moe_model.config import ModelConfigError
 
-        fields = {f.name for f in dataclasses.fields(ModelConfig)}
         overrides = self.overrides()
+        fields = {f.name for f in dataclasses.fields(ModelConfig)}
         for key in overrides:
             if key not in fields:
                 raise ValueError(f"unknown config key 'model.{key}'")
         if data_vocab_size is not None and "vocab_size" not in overrides:
             overrides["vocab_size"] = padded_vocab(data_vocab_size)
         try:
-            base = ModelConfig.preset(self.preset)
-            return dataclasses.replace(base, **overrides)
-        except (ValueError, TypeError, KeyError) as e:
-            # ModelConfig's messages start with the field name: "top_k: must be <= ..."
-            field, sep, problem = str(e).strip("'\"").partition(": ")
-            if sep and field in fields | {"preset"}:
-                raise ValueError(f"config key 'model.{field}': {problem}") from None
-            raise ValueError(f"config key 'model': {e}") from None
+            return ModelConfig.preset(self.preset, **overrides)
+        except ModelConfigError as e:
+            raise ValueError(f"config key 'model.{e.field}': {e.problem}") from None
 
 
 class RootConfig(Section):
