@@ -1,9 +1,17 @@
-"""The one config tree every subcommand reads (``--config`` + ``--set``).
+"""``RootConfig``: the one config tree every subcommand reads, assembled here.
 
-Sections are owned by the part that uses them: ``data`` by ``pipeline``,
-``model`` by ``moe_model`` (a preset plus field overrides), ``train`` by the
-trainer. ``storage.root`` is where datasets, checkpoints and models land: a
-local folder on a laptop, ``s3://bucket/prefix`` on a cluster.
+Load it with ``jobs.settings.load_root_config(--config, --set)``. Each section is
+owned by the part that uses it; this is where to find them all:
+
+    storage, tracking, model   here (``model`` is a ``moe_model`` preset plus field overrides)
+    data                       pipeline/config.py        PrepareConfig
+    train                      jobs/train/config.py      TrainConfig
+    evaluate, registry,        jobs/service/config.py    EvaluateConfig, RegistryConfig,
+    schedule, cluster                                    ScheduleConfig, ClusterConfig
+
+Every section but ``model`` is a ``pipeline.config_base.Section``. ``storage.root`` is
+where datasets, checkpoints and models land: a local folder on a laptop,
+``s3://bucket/prefix`` on a cluster.
 """
 
 from __future__ import annotations
@@ -78,6 +86,8 @@ class ModelSection(BaseModel):
 
 
 class RootConfig(Section):
+    """The whole tree, one key per section; ``jobs.settings.load_root_config`` builds it."""
+
     storage: StorageConfig = StorageConfig()
     tracking: TrackingConfig = TrackingConfig()
     data: PrepareConfig = PrepareConfig()
