@@ -1,9 +1,17 @@
-"""The one config tree every subcommand reads (``--config`` + ``--set``).
+"""``RootConfig``: the one config tree every subcommand reads, assembled here.
 
-Sections are owned by the part that uses them: ``data`` by ``pipeline``,
-``model`` by ``moe_model`` (a preset plus field overrides), ``train`` by the
-trainer. ``storage.root`` is where datasets, checkpoints and models land: a
-local folder on a laptop, ``s3://bucket/prefix`` on a cluster.
+Load it with ``jobs.settings.load_root_config(--config, --set)``. Each section is
+owned by the part that uses it; this is where to find them all:
+
+    storage, tracking, model   here (``model`` is a ``moe_model`` preset plus field overrides)
+    data                       pipeline/config.py        PrepareConfig
+    train                      jobs/train/config.py      TrainConfig
+    evaluate, registry,        jobs/service/config.py    EvaluateConfig, RegistryConfig,
+    schedule, cluster                                    ScheduleConfig, ClusterConfig
+
+Every section but ``model`` is a ``pipeline.config_base.Section``. ``storage.root`` is
+where datasets, checkpoints and models land: a local folder on a laptop,
+``s3://bucket/prefix`` on a cluster.
 """
 
 from __future__ import annotations
@@ -62,26 +70,24 @@ class ModelSection(BaseModel):
     def build(self, data_vocab_size: int | None = None):
         """The model's config; ``data_vocab_size`` (the dataset's) sets V unless the user did."""
         from moe_model import ModelConfig
+        from moe_model.config import ModelConfigError
 
-        fields = {f.name for f in dataclasses.fields(ModelConfig)}
         overrides = self.overrides()
+        fields = {f.name for f in dataclasses.fields(ModelConfig)}
         for key in overrides:
             if key not in fields:
                 raise ValueError(f"unknown config key 'model.{key}'")
         if data_vocab_size is not None and "vocab_size" not in overrides:
             overrides["vocab_size"] = padded_vocab(data_vocab_size)
         try:
-            base = ModelConfig.preset(self.preset)
-            return dataclasses.replace(base, **overrides)
-        except (ValueError, TypeError, KeyError) as e:
-            # ModelConfig's messages start with the field name: "top_k: must be <= ..."
-            field, sep, problem = str(e).strip("'\"").partition(": ")
-            if sep and field in fields | {"preset"}:
-                raise ValueError(f"config key 'model.{field}': {problem}") from None
-            raise ValueError(f"config key 'model': {e}") from None
+            return ModelConfig.preset(self.preset, **overrides)
+        except ModelConfigError as e:
+            raise ValueError(f"config key 'model.{e.field}': {e.problem}") from None
 
 
 class RootConfig(Section):
+    """The whole tree, one key per section; ``jobs.settings.load_root_config`` builds it."""
+
     storage: StorageConfig = StorageConfig()
     tracking: TrackingConfig = TrackingConfig()
     data: PrepareConfig = PrepareConfig()

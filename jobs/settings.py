@@ -1,20 +1,27 @@
-"""Load a typed config tree from YAML plus ``--set key.path=value`` overrides.
+"""Load the config tree from ``--config FILE.yaml`` plus ``--set key.path=value`` overrides.
 
-Every subcommand takes the same two inputs, so a config that runs on a laptop
-runs unchanged on a cluster. Errors are one line naming the bad key, because a
-user reading a stack trace for a typo is a user we lost.
+Every subcommand calls ``load_root_config`` (the tree itself, ``RootConfig``, is in
+``jobs/config.py``), so a config that runs on a laptop runs unchanged on a cluster.
+Errors are one line naming the bad key, because a user reading a stack trace for a
+typo is a user we lost.
 """
 
 from __future__ import annotations
 
+import copy
+import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
 from pipeline.redaction import is_secret_key, redact, redact_uri
+
+if TYPE_CHECKING:
+    from jobs.config import RootConfig
 
 M = TypeVar("M", bound=BaseModel)
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
@@ -100,9 +107,39 @@ def build(model_cls: type[M], data: dict[str, Any]) -> M:
         raise ConfigError(str(e).splitlines()[0]) from None
 
 
+def raw_tree(
+    config: str | Path | None, sets: list[str] | None, base: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The tree before validation (what ``submit`` and ``schedule add`` ship): ``--config``'s
+    YAML, or ``base`` in its place, then the ``--set`` items."""
+    tree = copy.deepcopy(base) if base is not None else read_yaml(config) if config else {}
+    return apply_overrides(tree, list(sets or []))
+
+
+def load_root_config(
+    config: str | Path | None, sets: list[str] | None, base: Mapping[str, Any] | None = None
+) -> RootConfig:
+    """The validated ``RootConfig`` from ``--config`` and ``--set``: what every subcommand reads.
+
+    ``base`` replaces the YAML file: the demo's defaults, a submitted job's ``--config-json``.
+    """
+    from jobs.config import RootConfig  # jobs.config's sections import ConfigError from here
+
+    return build(RootConfig, raw_tree(config, sets, base))
+
+
+def tree_from_json(text: str | None) -> dict[str, Any] | None:
+    """``--config-json`` (the inline tree a submitted job gets) as a mapping; None if not given."""
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--config-json: not valid JSON ({e.msg})") from None
+
+
 def load_config(
     model_cls: type[M], path: str | Path | None = None, overrides: list[str] | None = None
 ) -> M:
-    data = read_yaml(path) if path else {}
-    apply_overrides(data, list(overrides or []))
-    return build(model_cls, data)
+    """Any config model from a YAML file plus ``--set`` items; subcommands use ``load_root_config``."""
+    return build(model_cls, raw_tree(path, overrides))

@@ -17,6 +17,16 @@ from typing import Any
 MAX_SEQ_LEN = 1 << 20
 
 
+class ModelConfigError(ValueError):
+    """A bad ``ModelConfig`` value: ``field`` is the field (or ``preset``), ``problem`` what is
+    wrong with it. The message is ``"field: problem"``; ``jobs`` reports it as ``model.field``."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+        self.problem = problem
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = 32000
@@ -54,7 +64,9 @@ class ModelConfig:
         from moe_model.presets import PRESETS
 
         if name not in PRESETS:
-            raise ValueError(f"preset: unknown name {name!r}, expected one of {sorted(PRESETS)}")
+            raise ModelConfigError(
+                "preset", f"unknown name {name!r}, expected one of {sorted(PRESETS)}"
+            )
         return cls(**{**PRESETS[name], **overrides})
 
     def to_dict(self) -> dict[str, Any]:
@@ -65,7 +77,7 @@ class ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"{unknown[0]}: not a ModelConfig field")
+            raise ModelConfigError(unknown[0], "not a ModelConfig field")
         return cls(**d)
 
     def replace(self, **changes: Any) -> ModelConfig:
@@ -140,31 +152,31 @@ def _validate(c: ModelConfig) -> None:
     for name in positive_ints:
         value = getattr(c, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+            raise ModelConfigError(name, f"must be a positive integer, got {value!r}")
     if c.max_seq_len > MAX_SEQ_LEN:
-        raise ValueError(f"max_seq_len: must be at most {MAX_SEQ_LEN}, got {c.max_seq_len}")
+        raise ModelConfigError("max_seq_len", f"must be at most {MAX_SEQ_LEN}, got {c.max_seq_len}")
     if c.hidden_size % c.num_heads:
-        raise ValueError(
-            f"hidden_size: must be divisible by num_heads ({c.num_heads}), got {c.hidden_size}"
+        raise ModelConfigError(
+            "hidden_size", f"must be divisible by num_heads ({c.num_heads}), got {c.hidden_size}"
         )
     if c.head_dim % 2:
-        raise ValueError(f"hidden_size: head_dim must be even for RoPE, got {c.head_dim}")
+        raise ModelConfigError("hidden_size", f"head_dim must be even for RoPE, got {c.head_dim}")
     if c.num_kv_heads > c.num_heads or c.num_heads % c.num_kv_heads:
-        raise ValueError(
-            f"num_kv_heads: must divide num_heads ({c.num_heads}), got {c.num_kv_heads}"
+        raise ModelConfigError(
+            "num_kv_heads", f"must divide num_heads ({c.num_heads}), got {c.num_kv_heads}"
         )
     if c.top_k > c.num_experts:
-        raise ValueError(f"top_k: must be <= num_experts ({c.num_experts}), got {c.top_k}")
+        raise ModelConfigError("top_k", f"must be <= num_experts ({c.num_experts}), got {c.top_k}")
     if c.sliding_window is not None and (
         isinstance(c.sliding_window, bool)
         or not isinstance(c.sliding_window, int)
         or c.sliding_window < 1
     ):
-        raise ValueError(
-            f"sliding_window: must be a positive integer or None, got {c.sliding_window!r}"
+        raise ModelConfigError(
+            "sliding_window", f"must be a positive integer or None, got {c.sliding_window!r}"
         )
     if not isinstance(c.tie_embeddings, bool):
-        raise ValueError(f"tie_embeddings: must be a bool, got {c.tie_embeddings!r}")
+        raise ModelConfigError("tie_embeddings", f"must be a bool, got {c.tie_embeddings!r}")
     _check_float(c, "rope_theta", low=0.0, strict=True)
     _check_float(c, "rms_norm_eps", low=0.0, strict=True)
     _check_float(c, "init_std", low=0.0, strict=True)
@@ -180,4 +192,4 @@ def _check_float(c: ModelConfig, name: str, low: float, strict: bool) -> None:
     bad_type = isinstance(value, bool) or not isinstance(value, int | float)
     if bad_type or value != value or value < low or (strict and value == low):
         bound = f"> {low}" if strict else f">= {low}"
-        raise ValueError(f"{name}: must be a number {bound}, got {value!r}")
+        raise ModelConfigError(name, f"must be a number {bound}, got {value!r}")

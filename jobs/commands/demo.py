@@ -11,11 +11,10 @@ from jobs.commands.options import SetOpt
 
 def demo(set_: SetOpt = None) -> None:
     """Run the whole pipeline on the built-in corpus with local Ray, MLflow and storage."""
-    from jobs.config import RootConfig
     from jobs.service.demo import demo_tree, run_demo
-    from jobs.settings import apply_overrides, build
+    from jobs.settings import load_root_config
 
-    cfg = build(RootConfig, apply_overrides(demo_tree(), list(set_ or [])))
+    cfg = load_root_config(None, set_, base=demo_tree())
     start = time.monotonic()
     report = run_demo(cfg)
     (s0, l0), (s1, l1) = report.first_loss, report.last_loss

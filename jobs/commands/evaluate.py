@@ -32,10 +32,10 @@ def evaluate(
     set_: SetOpt = None,
 ) -> None:
     """Val (and held-out) loss, perplexity, expert load and samples, logged to an MLflow run."""
-    from jobs.service.cli_support import load_root
     from jobs.service.standalone import evaluate_only
+    from jobs.settings import load_root_config
 
-    cfg = load_root(config, set_)
+    cfg = load_root_config(config, set_)
     result, run_id = evaluate_only(cfg, checkpoint=checkpoint, model=model, dataset=dataset)
     for s in result.samples:
         typer.echo(f"{s['prompt']!r} -> {s['completion']!r}", err=True)

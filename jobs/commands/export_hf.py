@@ -14,11 +14,11 @@ def export_hf(
     set_: SetOpt = None,
 ) -> None:
     """Download the safetensors, config.json and tokenizer files; prints the folder."""
-    from jobs.service.cli_support import load_root
     from jobs.service.hf_folder import export_folder
+    from jobs.settings import load_root_config
     from jobs.tracking import resolve_tracking_uri
 
-    cfg = load_root(config, set_)
+    cfg = load_root_config(config, set_)
     folder = export_folder(model, out, resolve_tracking_uri(cfg.tracking.uri))
     typer.echo(str(folder))
 

@@ -20,11 +20,11 @@ def generate(
     set_: SetOpt = None,
 ) -> None:
     """Print the prompt and its continuation."""
-    from jobs.service.cli_support import load_root
     from jobs.service.hf_folder import generate_text, load_model
+    from jobs.settings import load_root_config
     from jobs.tracking import resolve_tracking_uri
 
-    cfg = load_root(config, set_)
+    cfg = load_root_config(config, set_)
     loaded = load_model(model, resolve_tracking_uri(cfg.tracking.uri))
     text = generate_text(loaded, prompt, max_new_tokens, temperature, top_p, seed)
     typer.echo(prompt + text)

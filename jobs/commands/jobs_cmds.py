@@ -11,10 +11,10 @@ from jobs.commands.submit import AddressOpt
 
 
 def _address(address, config, set_) -> str:
-    from jobs.service.cli_support import load_root
     from jobs.service.submit import resolve_address
+    from jobs.settings import load_root_config
 
-    return resolve_address(address, load_root(config, set_).cluster)
+    return resolve_address(address, load_root_config(config, set_).cluster)
 
 
 def status(

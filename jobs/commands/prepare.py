@@ -58,12 +58,11 @@ def prepare(
     force: ForceOpt = False,
 ) -> None:
     """Clean, dedup, tokenize and pack a corpus into a checksummed Parquet dataset."""
-    from jobs.config import RootConfig
-    from jobs.settings import load_config
+    from jobs.settings import load_root_config
     from pipeline.prepare import prepare as run_prepare
 
     extra = flag_overrides(inputs, output, seq_len, vocab_size)
-    cfg = load_config(RootConfig, config, [*(overrides or []), *extra])
+    cfg = load_root_config(config, [*(overrides or []), *extra])
     result = run_prepare(cfg.data, cfg.storage.root, progress=not quiet, force=force)
     for line in summary_lines(result):
         typer.echo(line)

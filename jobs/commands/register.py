@@ -17,10 +17,10 @@ def register_cmd(
     set_: SetOpt = None,
 ) -> None:
     """Register a checkpoint as HF files (alias candidate); the gate may make it champion."""
-    from jobs.service.cli_support import load_root
     from jobs.service.standalone import register_only
+    from jobs.settings import load_root_config
 
-    cfg = load_root(config, set_)
+    cfg = load_root_config(config, set_)
     outcome = register_only(cfg, checkpoint=checkpoint, dataset=dataset)
     decision = outcome.outputs.get("decision")
     if decision is not None:

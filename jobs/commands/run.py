@@ -29,10 +29,10 @@ def run(
     config_json: ConfigJsonOpt = None,
 ) -> None:
     """Run the whole pipeline as one tracked MLflow run; cached stages are skipped."""
-    from jobs.service.cli_support import load_root
     from jobs.service.dag import check_force, run_pipeline
+    from jobs.settings import load_root_config, tree_from_json
 
-    cfg = load_root(config, set_, config_json)
+    cfg = load_root_config(config, set_, base=tree_from_json(config_json))
     result = run_pipeline(cfg, force=check_force(force or ()))
     for stage in result.stages:
         state = "cache hit" if stage.cache_hit else "ran"

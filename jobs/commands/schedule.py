@@ -19,10 +19,10 @@ app = typer.Typer(
 
 
 def _store(config, set_):
-    from jobs.service.cli_support import load_root
     from jobs.service.schedule_store import ScheduleStore
+    from jobs.settings import load_root_config
 
-    return ScheduleStore(load_root(config, set_).schedule.store)
+    return ScheduleStore(load_root_config(config, set_).schedule.store)
 
 
 @app.command("add")
@@ -38,16 +38,16 @@ def add(
 ) -> None:
     """Add a schedule that submits `run` with this config."""
     from jobs.errors import JobError
-    from jobs.service.cli_support import load_root, raw_tree
     from jobs.service.scheduler import check_name, make_trigger
     from jobs.service.submit import resolve_address
+    from jobs.settings import load_root_config, raw_tree
 
     if (cron is None) == (every is None):
         raise JobError("schedule add: pass exactly one of --cron or --every")
     trigger = {"cron": cron} if cron is not None else {"every": every}
     make_trigger(trigger)
     tree = raw_tree(config, set_)
-    cfg = load_root(config, set_)
+    cfg = load_root_config(config, set_)
     addr = resolve_address(address, cfg.cluster)
     withheld = _store(config, set_).add(check_name(name), trigger, tree, addr)
     typer.echo(f"added {name}")

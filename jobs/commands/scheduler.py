@@ -12,10 +12,10 @@ def scheduler(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     import signal
     import threading
 
-    from jobs.service.cli_support import load_root
     from jobs.service.daemon import configure_logging, run_daemon
+    from jobs.settings import load_root_config
 
-    cfg = load_root(config, set_)
+    cfg = load_root_config(config, set_)
     configure_logging()
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

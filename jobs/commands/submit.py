@@ -27,10 +27,10 @@ def submit(
 ) -> None:
     """Submit `moe-pretrain run` with this config to a Ray cluster."""
     from jobs.service import submit as sub
-    from jobs.service.cli_support import load_root, raw_tree
+    from jobs.settings import load_root_config, raw_tree
 
     tree = raw_tree(config, set_)
-    cfg = load_root(config, set_)
+    cfg = load_root_config(config, set_)
     addr = sub.resolve_address(address, cfg.cluster)
     sid, withheld = sub.submit_run(tree, cfg.cluster, addr, submission_id=submission_id)
     for line in sub.withheld_lines(withheld):

@@ -44,8 +44,7 @@ def train(
     quiet: QuietOpt = False,
 ) -> None:
     """Pretrain the MoE model on a prepared dataset with Ray Train (resumes a named run)."""
-    from jobs.config import RootConfig
-    from jobs.settings import load_config
+    from jobs.settings import load_root_config
     from jobs.train.driver import train as run_train
 
     extra = flags_as_overrides(
@@ -60,7 +59,7 @@ def train(
             "tracking.uri": tracking_uri,
         }
     )
-    cfg = load_config(RootConfig, config, [*(overrides or []), *extra])
+    cfg = load_root_config(config, [*(overrides or []), *extra])
     import ray
 
     owns_ray = not ray.is_initialized()

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from jobs.service.cli_support import load_root, raw_tree
 from jobs.service.submit import build_submission, withheld_lines
+from jobs.settings import load_root_config, raw_tree
 
 PLANTED = "PLANTED"
 
@@ -25,7 +25,7 @@ def test_a_submission_ships_no_credential_and_names_what_it_withheld(tmp_path, m
         f"data.s3.secret={PLANTED}6",
         "train.max_steps=7",
     ]
-    tree, cfg = raw_tree(None, overrides), load_root(None, overrides)
+    tree, cfg = raw_tree(None, overrides), load_root_config(None, overrides)
     job = build_submission(tree, cfg.cluster, "sid-1", {"note": f"https://x:{PLANTED}7@h"})
 
     assert PLANTED not in json.dumps([job.entrypoint, job.runtime_env, job.metadata])

@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 from pydantic import BaseModel, ConfigDict, Field
 
-from jobs.settings import ConfigError, apply_overrides, load_config, parse_override
+from jobs.settings import (
+    ConfigError,
+    apply_overrides,
+    load_config,
+    load_root_config,
+    parse_override,
+    raw_tree,
+    tree_from_json,
+)
 
 
 class Inner(BaseModel):
@@ -79,12 +87,32 @@ def test_apply_overrides_creates_sections():
     ],
 )
 def test_root_config_errors_name_the_key(override, expected):
-    from jobs.config import RootConfig
-
     with pytest.raises(ConfigError) as e:
-        load_config(RootConfig, None, [override])
+        load_root_config(None, [override])
     assert str(e.value).startswith(expected)
     assert "\n" not in str(e.value)
+
+
+def test_the_root_loader_reads_the_file_then_the_sets(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  max_steps: 9\n  lr: 0.5\n")
+    cfg = load_root_config(f, ["train.max_steps=3"])
+    assert (cfg.train.max_steps, cfg.train.lr) == (3, 0.5)
+    assert raw_tree(f, ["train.max_steps=3"]) == {"train": {"max_steps": 3, "lr": 0.5}}
+
+
+def test_a_base_tree_replaces_the_file_and_is_left_as_it_was():
+    base = {"train": {"max_steps": 9, "lr": 0.5}}
+    cfg = load_root_config(None, ["train.max_steps=3"], base=base)
+    assert (cfg.train.max_steps, cfg.train.lr) == (3, 0.5)
+    assert base == {"train": {"max_steps": 9, "lr": 0.5}}
+
+
+def test_config_json_is_a_tree_or_a_one_line_error():
+    assert tree_from_json(None) is None
+    assert tree_from_json('{"train": {"max_steps": 3}}') == {"train": {"max_steps": 3}}
+    with pytest.raises(ConfigError, match=r"^--config-json: not valid JSON \("):
+        tree_from_json("{")
 
 
 def test_cli_prints_one_line_and_exits_2(tmp_path):

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from moe_model import ModelConfig, MoETransformer
+from moe_model.config import ModelConfigError
 from moe_model.presets import PRESETS
 
 
@@ -99,6 +100,12 @@ def test_bad_values_are_rejected_naming_the_field(change, field):
 def test_top_k_message_names_the_limit():
     with pytest.raises(ValueError, match=r"^top_k: must be <= num_experts \(8\), got 9$"):
         ModelConfig(num_experts=8, top_k=9)
+
+
+def test_the_error_carries_the_field_and_the_problem():
+    with pytest.raises(ModelConfigError) as e:
+        ModelConfig.preset("debug", num_kv_heads=3)
+    assert e.value.field == "num_kv_heads" and e.value.problem.startswith("must divide num_heads")
 
 
 def test_unknown_preset_and_unknown_field_are_rejected():
