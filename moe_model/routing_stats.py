@@ -1,6 +1,6 @@
 """Per-layer routing statistics: detached tensors, a handful of [E]-sized ops per step.
 
-Legend: T tokens, E experts.
+Tensor names carry their shapes (the legend: moe_model/config.py).
 """
 
 from __future__ import annotations
@@ -67,10 +67,10 @@ def routing_metrics(routing: list[RoutingStats], prefix: str = "moe") -> dict[st
     names = list(routing[0].scalars()) if routing else []
     if not names:
         return {}
-    table_LS = torch.stack([torch.stack(list(s.scalars().values())) for s in routing]).cpu()
+    table_LM = torch.stack([torch.stack(list(s.scalars().values())) for s in routing]).cpu()
     out: dict[str, float] = {}
     for j, name in enumerate(names):
-        out[metric_key(name, prefix=prefix)] = float(table_LS[:, j].mean())
-        for i in range(table_LS.shape[0]):
-            out[metric_key(name, i, prefix)] = float(table_LS[i, j])
+        out[metric_key(name, prefix=prefix)] = float(table_LM[:, j].mean())
+        for i in range(table_LM.shape[0]):
+            out[metric_key(name, i, prefix)] = float(table_LM[i, j])
     return out
