@@ -1,8 +1,17 @@
 """Model configuration: one dataclass, validated on construction, that reports its own size.
 
-Shape legend used across moe_model/:
-    B batch, T sequence, D hidden, F expert hidden, E experts, K top_k, H query heads,
-    Hkv key/value heads, Dh head dim, V vocab, L layers, N token-slots (B*T*K).
+The shape legend of every tensor name in moe_model/ (``x_BTD`` is [B, T, D]):
+    B batch, T tokens (a sequence's positions; B*T once flattened, as in the MoE layer
+    and the loss), S key positions in attention (KV cache + new; T the new queries),
+    D hidden, Dh head dim, H query heads, Hkv key/value heads, Hqk = H + Hkv (the heads
+    RoPE rotates), Hqkv = H + 2*Hkv (the fused q/k/v projection's heads), V vocab,
+    L layers, E experts, K top_k, F expert hidden, N token-slots (T*K), P rows of the
+    expert-sorted buffer (one per kept token-slot, plus alignment padding), M a layer's
+    routing statistics (``RoutingStats.scalars``), G rows per GEMM block of the fused loss,
+    R rows of one block (G, fewer in the last), C rows per softmax chunk in a block.
+A digit before a letter multiplies it (2F: gate and up halves); a 1 is an axis of size 1
+(rstd_BT1 is [B, T, 1]); p1 adds one entry (x_Tp1D: a zero row appended for padding rows to
+read; bounds_Ep1: E + 1 group bounds).
 """
 
 from __future__ import annotations

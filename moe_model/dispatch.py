@@ -1,6 +1,6 @@
 """Dropless (or capacity-limited) token dispatch: sort token-slots by expert into contiguous groups.
 
-Legend: T tokens, K top_k, E experts, N token-slots (T*K), P rows of the expert-sorted buffer.
+Tensor names carry their shapes (the legend: moe_model/config.py).
 
 Every index is computed once from one stable sort; forward and backward then only gather.
 Row p of the expert-sorted buffer serves token-slot `slot_of_row_P[p]` (N for padding), i.e.
@@ -48,9 +48,9 @@ def plan_dispatch(
     N, E, device = T * K, num_experts, experts_TK.device
     experts_N = experts_TK.reshape(-1)
     sorted_experts_N, order_N = torch.sort(experts_N, stable=True)
-    bounds_E1 = torch.searchsorted(sorted_experts_N, torch.arange(E + 1, device=device))
-    routed_E = bounds_E1.diff()
-    pos_N = torch.arange(N, device=device) - bounds_E1[sorted_experts_N]
+    bounds_Ep1 = torch.searchsorted(sorted_experts_N, torch.arange(E + 1, device=device))
+    routed_E = bounds_Ep1.diff()
+    pos_N = torch.arange(N, device=device) - bounds_Ep1[sorted_experts_N]
     kept_E = routed_E if capacity is None else routed_E.clamp(max=capacity)
     group_rows_E = (kept_E + align - 1) // align * align
     ends_E = group_rows_E.cumsum(0)

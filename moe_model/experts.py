@@ -1,7 +1,6 @@
 """SwiGLU experts over an expert-sorted buffer, fused with the gather and the weighted combine.
 
-Legend: T tokens, D hidden, F expert hidden, E experts, K top_k, N token-slots (T*K),
-P rows of the expert-sorted buffer (one per kept token-slot, plus alignment padding).
+Tensor names carry their shapes (the legend: moe_model/config.py).
 
 `moe_ffn` computes  out_t = sum_k w_tk * W2_e (silu(W1_e x_t) * W3_e x_t),  e = expert(t, k),
 in three steps: gather x into expert-sorted rows, run each expert on its contiguous rows,
@@ -59,8 +58,8 @@ def _grouped_ffn(x_TD, weights_TK, w13_E2FD, w2_EDF, plan: DispatchPlan) -> torc
     """Rows past offsets_E[-1] come back undefined: they read a zero row and are never gathered."""
     T, K = weights_TK.shape
     mm = _grouped_mm_op()
-    x_TD = torch.cat([x_TD, x_TD.new_zeros(1, x_TD.shape[1])])
-    x_PD = x_TD.index_select(0, plan.src_row_P)
+    x_Tp1D = torch.cat([x_TD, x_TD.new_zeros(1, x_TD.shape[1])])
+    x_PD = x_Tp1D.index_select(0, plan.src_row_P)
     h_P2F = mm(x_PD, w13_E2FD.transpose(-2, -1), offs=plan.offsets_E)
     gate_PF, up_PF = h_P2F.chunk(2, dim=-1)
     y_PD = mm(F.silu(gate_PF) * up_PF, w2_EDF.transpose(-2, -1), offs=plan.offsets_E)
@@ -89,8 +88,8 @@ class _LoopFFN(torch.autograd.Function):
         y_PD = scratch.empty((P, D), x_TD)
         for e, sl in _expert_slices(rows):
             torch.mm(a_PF[sl], w2_EDF[e].t(), out=y_PD[sl])
-        y_NKD = scratch.empty((T * K, D), x_TD)
-        y_TKD = torch.index_select(y_PD, 0, plan.slot_row_N, out=y_NKD).view(T, K, D)
+        y_ND = scratch.empty((T * K, D), x_TD)
+        y_TKD = torch.index_select(y_PD, 0, plan.slot_row_N, out=y_ND).view(T, K, D)
         del y_PD
         out_TD = torch.bmm(weights_TK.unsqueeze(1), y_TKD).squeeze(1)
         ctx.save_for_backward(x_PD, weights_TK, w13_E2FD, w2_EDF, h_P2F, silu_PF, a_PF, y_TKD)
@@ -110,8 +109,8 @@ class _LoopFFN(torch.autograd.Function):
         # Combine: out_t = sum_k w_tk y_{row(t,k)}. Each row belongs to one slot, so the row
         # gradient is a gather of the token gradient scaled by the slot's weight.
         grad_weights_TK = torch.bmm(y_TKD, grad_TD.unsqueeze(2)).squeeze(2)
-        weights_N1 = torch.cat([weights_TK.reshape(-1), weights_TK.new_zeros(1)])
-        row_weight_P = weights_N1.index_select(0, plan.slot_of_row_P)
+        weights_Np1 = torch.cat([weights_TK.reshape(-1), weights_TK.new_zeros(1)])
+        row_weight_P = weights_Np1.index_select(0, plan.slot_of_row_P)
         grad_y_PD = torch.index_select(grad_TD, 0, src_row_P, out=scratch.empty((P, D), x_PD))
         grad_y_PD.mul_(row_weight_P.unsqueeze(1))
 

@@ -1,6 +1,6 @@
 """Autoregressive decoding with a KV cache: greedy (temperature 0) or nucleus sampling.
 
-Legend: B batch, T prompt length, V vocab.
+Tensor names carry their shapes (the legend: moe_model/config.py).
 """
 
 from __future__ import annotations

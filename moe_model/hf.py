@@ -6,7 +6,7 @@ every transformers version loads; reads that layout and transformers 5's fused o
 sharded. Needs only torch, safetensors and json: transformers is not imported.
 ``upcycle_dense`` (moe_model/upcycle.py) builds the MoE from a dense Llama or Mistral folder.
 
-Legend: E experts, F expert hidden, D hidden.
+Tensor names carry their shapes (the legend: moe_model/config.py).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Large CPU activation buffers on transparent huge pages.
 
-A training step's biggest fresh buffers (the [N, V] logits: 64 MiB at 2048 x 8192 fp32) are
+A training step's biggest fresh buffers (the [T, V] logits: 64 MiB at 2048 x 8192 fp32) are
 past glibc's mmap threshold (32 MiB at most), so every step maps them anew and first-touches
 them 4 KiB at a time: ~16k page faults, tens of ms on a small CPU machine. Backed by 2 MiB
 pages (madvise(MADV_HUGEPAGE), Linux THP) the same buffer takes a few dozen faults. madvise is

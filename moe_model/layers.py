@@ -1,7 +1,6 @@
 """Dense building blocks, numerically identical to Hugging Face Mixtral: RMSNorm, RoPE, attention.
 
-Legend: B batch, T query positions, S key positions (cache + new), D hidden, H query heads,
-Hkv key/value heads, Dh head dim.
+Tensor names carry their shapes (the legend: moe_model/config.py).
 """
 
 from __future__ import annotations
@@ -119,31 +118,31 @@ class _SplitRopeCPU(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, qkv_BTGDh, cos_TDh, sin_TDh, num_heads: int):
-        G, Dh = qkv_BTGDh.shape[2:]
-        Hkv = (G - num_heads) // 2
-        R = num_heads + Hkv  # rotated heads: q and k
-        out_BTGDh = torch.empty_like(qkv_BTGDh)
-        _rotate(qkv_BTGDh[:, :, :R], cos_TDh, sin_TDh, out_BTGDh[:, :, :R], sign=1.0)
-        out_BTGDh[:, :, R:] = qkv_BTGDh[:, :, R:]
+    def forward(ctx, qkv_BTHqkvDh, cos_TDh, sin_TDh, num_heads: int):
+        Hqkv, Dh = qkv_BTHqkvDh.shape[2:]
+        Hkv = (Hqkv - num_heads) // 2
+        Hqk = num_heads + Hkv  # rotated heads: q and k
+        out_BTHqkvDh = torch.empty_like(qkv_BTHqkvDh)
+        _rotate(qkv_BTHqkvDh[:, :, :Hqk], cos_TDh, sin_TDh, out_BTHqkvDh[:, :, :Hqk], sign=1.0)
+        out_BTHqkvDh[:, :, Hqk:] = qkv_BTHqkvDh[:, :, Hqk:]
         ctx.save_for_backward(cos_TDh, sin_TDh)
         ctx.num_heads = num_heads
-        heads = out_BTGDh.transpose(1, 2)
-        return heads[:, :num_heads], heads[:, num_heads:R], heads[:, R:]
+        heads = out_BTHqkvDh.transpose(1, 2)
+        return heads[:, :num_heads], heads[:, num_heads:Hqk], heads[:, Hqk:]
 
     @staticmethod
-    def backward(ctx, grad_q_BHTDh, grad_k_BHTDh, grad_v_BHTDh):
+    def backward(ctx, grad_q_BHTDh, grad_k_BHkvTDh, grad_v_BHkvTDh):
         cos_TDh, sin_TDh = ctx.saved_tensors
         H = ctx.num_heads
         B, _, T, Dh = grad_q_BHTDh.shape
-        Hkv = grad_k_BHTDh.shape[1]
-        grad_BTGDh = grad_q_BHTDh.new_empty(B, T, H + 2 * Hkv, Dh)
-        R = H + Hkv
-        for grad_BHTDh, heads in ((grad_q_BHTDh, slice(0, H)), (grad_k_BHTDh, slice(H, R))):
+        Hkv = grad_k_BHkvTDh.shape[1]
+        grad_BTHqkvDh = grad_q_BHTDh.new_empty(B, T, H + 2 * Hkv, Dh)
+        Hqk = H + Hkv
+        for grad_BHTDh, heads in ((grad_q_BHTDh, slice(0, H)), (grad_k_BHkvTDh, slice(H, Hqk))):
             g_BTHDh = grad_BHTDh.transpose(1, 2)
-            _rotate(g_BTHDh, cos_TDh, sin_TDh, grad_BTGDh[:, :, heads], sign=-1.0)
-        grad_BTGDh[:, :, R:] = grad_v_BHTDh.transpose(1, 2)
-        return grad_BTGDh, None, None, None
+            _rotate(g_BTHDh, cos_TDh, sin_TDh, grad_BTHqkvDh[:, :, heads], sign=-1.0)
+        grad_BTHqkvDh[:, :, Hqk:] = grad_v_BHkvTDh.transpose(1, 2)
+        return grad_BTHqkvDh, None, None, None
 
 
 def _rotate(x_BTHDh, cos_TDh, sin_TDh, out_BTHDh, sign: float) -> None:
@@ -218,15 +217,17 @@ class Attention(nn.Module):
         start = cache.length if cache is not None else 0
         # One GEMM for q, k and v (the weights stay separate, as in HF, for conversion).
         w_qkv = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
-        qkv_BTGDh = F.linear(x_BTD, w_qkv).view(B, T, H + 2 * Hkv, self.head_dim)
+        qkv_BTHqkvDh = F.linear(x_BTD, w_qkv).view(B, T, H + 2 * Hkv, self.head_dim)
         cos_TDh, sin_TDh = rope(start, T, x_BTD.dtype)
-        if eager_cpu(qkv_BTGDh):
-            q_BHTDh, k_BHkvTDh, v_BHkvTDh = _SplitRopeCPU.apply(qkv_BTGDh, cos_TDh, sin_TDh, H)
+        if eager_cpu(qkv_BTHqkvDh):
+            q_BHTDh, k_BHkvTDh, v_BHkvTDh = _SplitRopeCPU.apply(qkv_BTHqkvDh, cos_TDh, sin_TDh, H)
         else:  # on a GPU torch.compile fuses these; eager it is a few small kernels
-            qk_BTGDh = apply_rope(qkv_BTGDh[:, :, : H + Hkv], cos_TDh[:, None], sin_TDh[:, None])
-            q_BHTDh = qk_BTGDh[:, :, :H].transpose(1, 2)
-            k_BHkvTDh = qk_BTGDh[:, :, H:].transpose(1, 2)
-            v_BHkvTDh = qkv_BTGDh[:, :, H + Hkv :].transpose(1, 2)
+            qk_BTHqkDh = apply_rope(
+                qkv_BTHqkvDh[:, :, : H + Hkv], cos_TDh[:, None], sin_TDh[:, None]
+            )
+            q_BHTDh = qk_BTHqkDh[:, :, :H].transpose(1, 2)
+            k_BHkvTDh = qk_BTHqkDh[:, :, H:].transpose(1, 2)
+            v_BHkvTDh = qkv_BTHqkvDh[:, :, H + Hkv :].transpose(1, 2)
         if cache is not None:
             k_BHkvTDh, v_BHkvTDh = cache.append(k_BHkvTDh, v_BHkvTDh)
         o_BHTDh = self._sdpa(q_BHTDh, k_BHkvTDh, v_BHkvTDh, start)

@@ -1,6 +1,6 @@
 """Mixtral-style decoder: embedding, L x (attention + sparse MoE) pre-norm blocks, LM head.
 
-Legend: B batch, T sequence, D hidden, V vocab, E experts, L layers.
+Tensor names carry their shapes (the legend: moe_model/config.py).
 """
 
 from __future__ import annotations

@@ -1,7 +1,6 @@
 """Sparse MoE feed-forward: router, dispatch, SwiGLU experts on contiguous groups, combine.
 
-Legend: B batch, T tokens (B*T once flattened), D hidden, F expert hidden, E experts,
-K top_k, N token-slots (T*K), P rows of the expert-sorted buffer.
+Tensor names carry their shapes (the legend: moe_model/config.py).
 """
 
 from __future__ import annotations

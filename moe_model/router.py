@@ -1,6 +1,6 @@
 """Top-k softmax router and its losses.
 
-Legend: T tokens, D hidden, E experts, K top_k.
+Tensor names carry their shapes (the legend: moe_model/config.py).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Per-layer routing statistics: detached tensors, a handful of [E]-sized ops per step.
 
-Legend: T tokens, E experts.
+Tensor names carry their shapes (the legend: moe_model/config.py).
 """
 
 from __future__ import annotations
@@ -51,15 +51,26 @@ def compute_routing_stats(
     )
 
 
+# Metric names where they differ from the RoutingStats field: the names the README's
+# tracking table documents, used by the trainer, evaluation and ``routing_metrics``.
+METRIC_NAMES = {"entropy": "router_entropy"}
+
+
+def metric_key(stat: str, layer: int | None = None, prefix: str = "moe") -> str:
+    """``moe/layer_03/router_entropy`` for one layer, ``moe/router_entropy`` for all layers."""
+    name = METRIC_NAMES.get(stat, stat)
+    return f"{prefix}/{name}" if layer is None else f"{prefix}/layer_{layer:02d}/{name}"
+
+
 def routing_metrics(routing: list[RoutingStats], prefix: str = "moe") -> dict[str, float]:
-    """Flatten to `{prefix}/layer{i}/{name}` floats plus layer means `{prefix}/{name}` (one sync)."""
+    """Per-layer floats keyed by ``metric_key`` plus their layer means (one sync)."""
     names = list(routing[0].scalars()) if routing else []
     if not names:
         return {}
-    table_LS = torch.stack([torch.stack(list(s.scalars().values())) for s in routing]).cpu()
+    table_LM = torch.stack([torch.stack(list(s.scalars().values())) for s in routing]).cpu()
     out: dict[str, float] = {}
     for j, name in enumerate(names):
-        out[f"{prefix}/{name}"] = float(table_LS[:, j].mean())
-        for i in range(table_LS.shape[0]):
-            out[f"{prefix}/layer{i}/{name}"] = float(table_LS[i, j])
+        out[metric_key(name, prefix=prefix)] = float(table_LM[:, j].mean())
+        for i in range(table_LM.shape[0]):
+            out[metric_key(name, i, prefix)] = float(table_LM[i, j])
     return out

@@ -10,7 +10,7 @@ Reads ``config.json`` + ``model.safetensors`` (or a sharded ``model.safetensors.
 nothing is unpickled. ``save_dense_hf`` writes a one-expert MoETransformer as such a folder
 (the dense phase of the efficacy benchmark's upcycled arm).
 
-Legend: E experts, F expert hidden, D hidden.
+Tensor names carry their shapes (the legend: moe_model/config.py).
 """
 
 from __future__ import annotations

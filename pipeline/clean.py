@@ -89,7 +89,7 @@ def content_hash(text: str) -> int:
 
 class CleanStage(Stage):
     name = "clean"
-    input_columns = ("text", "reason")
+    input_columns = tuple(RECORD_SCHEMA.names)
     output_columns = ("text", "reason", "detail", "hash")
 
     def __init__(self, cfg: CleanConfig):

@@ -1,7 +1,9 @@
 """The one place that maps stages onto ``ray.data``.
 
 ``tasks`` stages become stateless ``map_batches`` tasks; ``actors`` stages an
-actor pool whose actors run ``setup()`` once. Three settings matter:
+actor pool whose actors run ``setup()`` once. Both run a stage through
+``Stage.run``, which checks its declared columns on its first batch. Three
+settings matter:
 
 - ``preserve_order``: the stream reaches the driver in input order whatever
   the parallelism, which the ordered packing relies on.
@@ -53,11 +55,7 @@ def default_workers() -> int:
 def _task_fn(stage: Stage):
     def run(batch: pa.Table) -> Iterator[pa.Table]:
         stage.ensure_setup()
-        out = stage(batch)
-        if isinstance(out, pa.Table):
-            yield out
-        else:
-            yield from out
+        yield from stage.run(batch)
 
     run.__name__ = stage.name
     return run
@@ -69,11 +67,7 @@ class _StageActor:
         self.stage.ensure_setup()
 
     def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
-        out = self.stage(batch)
-        if isinstance(out, pa.Table):
-            yield out
-        else:
-            yield from out
+        yield from self.stage.run(batch)
 
 
 def build(items: list[dict], stages: list[Stage], num_workers: int | None = None):

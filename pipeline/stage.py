@@ -33,7 +33,14 @@ RECORD_SCHEMA = pa.schema(
 )
 
 
+class StageContractError(RuntimeError):
+    """A stage's batches break the columns it declares: a bug in the stage, not in the data."""
+
+
 class Stage:
+    """``input_columns``: what ``__call__`` needs; ``output_columns``: what it adds or
+    rewrites. Every other column it returns must pass through unchanged."""
+
     name = "stage"
     input_columns: tuple[str, ...] = ()
     output_columns: tuple[str, ...] = ()
@@ -41,6 +48,7 @@ class Stage:
     batch_size: int | None = None
 
     _ready = False
+    _contract_checked = False
 
     def setup(self) -> None:
         """Load heavy state (a tokenizer); runs once per worker process."""
@@ -52,6 +60,58 @@ class Stage:
 
     def __call__(self, batch: pa.Table) -> pa.Table | Iterator[pa.Table]:
         raise NotImplementedError
+
+    def run(self, batch: pa.Table) -> Iterator[pa.Table]:
+        """``__call__``'s tables, the first checked against the declared columns.
+
+        Once per stage instance (per task or actor under Ray), so the check costs
+        one comparison of the passed-through columns of one batch."""
+        check = not self._contract_checked
+        if check:
+            check_inputs(self, batch)
+        out = self(batch)
+        for table in [out] if isinstance(out, pa.Table) else out:
+            if check:
+                check_outputs(self, batch, table)
+                self._contract_checked = True
+                check = False
+            yield table
+
+
+def check_inputs(stage: Stage, batch: pa.Table) -> None:
+    for name in stage.input_columns:
+        if name not in batch.column_names:
+            raise StageContractError(
+                f"stage {stage.name!r}: input column {name!r} is missing "
+                f"(the batch has {batch.column_names})"
+            )
+
+
+def check_outputs(stage: Stage, batch: pa.Table, out: pa.Table) -> None:
+    for name in stage.output_columns:
+        if name not in out.column_names:
+            raise StageContractError(
+                f"stage {stage.name!r}: declared output column {name!r} is missing from its output"
+            )
+    for name in out.column_names:
+        if name in stage.output_columns:
+            continue
+        if name not in batch.column_names:
+            raise StageContractError(
+                f"stage {stage.name!r} adds column {name!r}, which is not in its output_columns"
+            )
+        if _changed(batch, out, name):
+            raise StageContractError(
+                f"stage {stage.name!r} changes column {name!r}, which is not in its output_columns"
+            )
+
+
+def _changed(batch: pa.Table, out: pa.Table, name: str) -> bool:
+    """A changed type, or, where the rows line up one to one, changed values."""
+    before, after = batch.column(name), out.column(name)
+    if before.type != after.type:
+        return True
+    return batch.num_rows == out.num_rows and not before.equals(after)
 
 
 def file_groups(sources: list[SourceFile], max_bytes: int = 8 << 20, max_files: int = 256):
@@ -122,8 +182,7 @@ def run_sequential(items: Iterable[dict], stages: list[Stage]) -> Iterator[pa.Ta
     def apply(tables: Iterable[pa.Table], stage: Stage) -> Iterator[pa.Table]:
         for table in tables:
             for part in _rebatch(table, stage.batch_size):
-                out = stage(part)
-                yield from ([out] if isinstance(out, pa.Table) else out)
+                yield from stage.run(part)
 
     tables: Iterable[pa.Table] = (pa.Table.from_pylist([item]) for item in items)
     for stage in stages:

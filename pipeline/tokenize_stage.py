@@ -23,8 +23,8 @@ TOKENS_SCHEMA = CLEAN_SCHEMA.append(pa.field("ids", pa.list_(pa.uint32())))
 
 class TokenizeStage(Stage):
     name = "tokenize"
-    input_columns = ("text", "reason")
-    output_columns = ("ids",)
+    input_columns = tuple(CLEAN_SCHEMA.names)  # the cast to TOKENS_SCHEMA needs them all
+    output_columns = ("text", "ids")  # a tokenized document's text is dropped
     compute = "actors"
 
     def __init__(self, tokenizer_json: str, eos_id: int, batch_size: int = 256):

@@ -21,6 +21,7 @@ import torch
 from jobs.errors import JobError
 from jobs.service.config import EvaluateConfig
 from jobs.train.step import perplexity
+from moe_model.routing_stats import metric_key
 from pipeline.config import PrepareConfig
 
 
@@ -161,8 +162,11 @@ def evaluate_model(model, tokenizer, eval_sets: list[EvalSet], cfg: EvaluateConf
         if not load:
             load = expert_load(per_layer)
     if load:
-        metrics["eval/moe/load_imbalance_max"] = max(r["load_imbalance"] for r in load)
-        metrics["eval/moe/dead_experts"] = float(sum(r["dead_experts"] for r in load))
+        imbalance_max = metric_key("load_imbalance", prefix="eval/moe") + "_max"
+        metrics[imbalance_max] = max(r["load_imbalance"] for r in load)
+        metrics[metric_key("dead_experts", prefix="eval/moe")] = float(
+            sum(r["dead_experts"] for r in load)
+        )
     samples = sample(model, tokenizer, cfg.prompts, cfg, eos_id)
     return EvalResult(metrics, load, samples, {es.name: es.digest for es in eval_sets})
 

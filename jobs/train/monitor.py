@@ -1,7 +1,8 @@
 """Per-interval training metrics and the dead-expert watch.
 
 Scalars are averaged over the steps of a log interval that were not skipped;
-per-layer MoE numbers are keyed ``moe/layer_XX/...``. Per-expert counts are
+per-layer MoE numbers are keyed by ``moe_model.routing_stats.metric_key``
+(``moe/layer_XX/...``). Per-expert counts are
 returned separately for the routing artifacts, never as metric keys.
 """
 
@@ -12,6 +13,7 @@ import logging
 import numpy as np
 
 from jobs.train.step import StepResult
+from moe_model.routing_stats import metric_key
 
 log = logging.getLogger("jobs.train")
 
@@ -50,10 +52,9 @@ class IntervalStats:
         }
         dead_l = (self.tokens_le == 0).sum(axis=1)
         for layer in range(self.shape[0]):
-            prefix = f"moe/layer_{layer:02d}"
-            out[f"{prefix}/load_imbalance"] = self.imbalance_l[layer] / self.n
-            out[f"{prefix}/router_entropy"] = self.entropy_l[layer] / self.n
-            out[f"{prefix}/dead_experts"] = float(dead_l[layer])
+            out[metric_key("load_imbalance", layer)] = self.imbalance_l[layer] / self.n
+            out[metric_key("entropy", layer)] = self.entropy_l[layer] / self.n
+            out[metric_key("dead_experts", layer)] = float(dead_l[layer])
         return out
 
 

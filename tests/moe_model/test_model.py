@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moe_model import ModelConfig, MoETransformer
+from moe_model import ModelConfig, MoETransformer, routing_metrics
 
 
 def _model(seed=0, **overrides):
@@ -25,6 +25,18 @@ def test_forward_shapes_and_losses():
     assert stats.tokens_per_expert.sum() == 3 * 17 * cfg.top_k
     assert not any(t.requires_grad for t in stats.scalars().values())
     assert model(ids).loss is None
+
+
+def test_routing_metrics_use_the_tracked_names():
+    model = _model()
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    m = routing_metrics(model(ids).routing)
+    for layer in ("00", "01"):
+        for name in ("load_imbalance", "router_entropy", "dead_experts", "cv", "dropped_frac"):
+            assert f"moe/layer_{layer}/{name}" in m
+    assert m["moe/router_entropy"] == pytest.approx(
+        (m["moe/layer_00/router_entropy"] + m["moe/layer_01/router_entropy"]) / 2
+    )
 
 
 def test_same_seed_gives_identical_weights_and_outputs():
