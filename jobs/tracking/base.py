@@ -18,6 +18,10 @@ class Tracker(Protocol):
 
     def set_tags(self, tags: dict[str, Any]) -> None: ...
 
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Deliver (or spool durably) what was logged so far; False if that timed out."""
+        ...
+
     def close(self, status: str = "FINISHED") -> None: ...
 
 
