@@ -156,9 +156,12 @@ def ray_cluster():
     never ``ray stop``, which would kill every Ray on the machine.
     """
     temp = Path(tempfile.mkdtemp(prefix="rc", dir="/tmp"))  # short: Ray's socket paths live here
-    ports = {
-        k: free_port() for k in ("port", "dash", "client", "listen", "grpc", "rtenv", "metrics")
-    }
+    names = ("port", "dash", "client", "listen", "grpc", "rtenv", "metrics")
+    picked: list[int] = []
+    while len(picked) < len(names):  # free_port() can hand out one port twice: Ray refuses that
+        if (port := free_port()) not in picked:
+            picked.append(port)
+    ports = dict(zip(names, picked, strict=True))
     cmd = [
         str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
         "--port", str(ports["port"]), "--dashboard-host", "127.0.0.1",
