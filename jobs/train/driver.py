@@ -24,7 +24,7 @@ from jobs.settings import ConfigError
 from jobs.tracking.base import resolve_tracking_uri
 from jobs.train.checkpoint import check_resume
 from jobs.train.init_from import confine_checkpoint
-from jobs.train.runs import latest_checkpoint, ray_storage, runs_uri
+from jobs.train.runs import checkpoint_names, latest_checkpoint, ray_storage, runs_uri
 from pipeline.errors import PipelineError
 from pipeline.locks import storage_lock
 from pipeline.redaction import is_secret_key
@@ -179,16 +179,14 @@ def _drop_orphans(result, run_uri: str) -> None:
     just before a worker died may never reach Ray's checkpoint manager, so ``num_to_keep``
     would leave it behind for good. Only what Ray's run snapshot references is kept, so a
     later rerun of the run still finds every checkpoint the snapshot names."""
-    from jobs.train.runs import CHECKPOINT_NAME
     from pipeline.storage import filesystem
 
     known = {c.path.rstrip("/").rsplit("/", 1)[-1] for c, _ in result.best_checkpoints or []}
     if not known:
         return
     fs, path = filesystem(run_uri)
-    for entry in fs.ls(path, detail=False):
-        name = entry.rstrip("/").rsplit("/", 1)[-1]
-        if CHECKPOINT_NAME.fullmatch(name) and name not in known:
+    for name in checkpoint_names(run_uri):
+        if name not in known:
             fs.rm(f"{path.rstrip('/')}/{name}", recursive=True)
 
 
