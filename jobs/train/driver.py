@@ -23,7 +23,7 @@ from jobs.paths import safe_join
 from jobs.settings import ConfigError
 from jobs.tracking.base import resolve_tracking_uri
 from jobs.train.checkpoint import check_resume
-from jobs.train.init_from import confine_checkpoint
+from jobs.train.init_from import confine_init_from
 from jobs.train.runs import checkpoint_names, latest_checkpoint, ray_storage, runs_uri
 from pipeline.errors import PipelineError
 from pipeline.locks import storage_lock
@@ -76,7 +76,7 @@ def train(
     if init_from is None and cfg.train.init_from not in (None, "champion"):
         init_from = cfg.train.init_from  # `champion` is resolved by `run` (jobs.service.stages)
     if init_from is not None:
-        init_from = confine_checkpoint(cfg.storage.root, init_from)
+        init_from = confine_init_from(cfg.storage.root, init_from)
     # Two trainings of one run would share its folder and MLflow run: one at a time.
     with storage_lock(f"{run_uri}.lock"):
         return _train_locked(cfg, reader, model_cfg, run_name, run_uri, parent_run_id, init_from,

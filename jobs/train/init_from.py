@@ -14,6 +14,7 @@ import os
 from typing import Literal
 
 from jobs.paths import PathEscapeError, ensure_within
+from jobs.train.upcycling import PREFIX, upcycle_source
 
 
 def _is_local(uri: str) -> bool:
@@ -36,3 +37,12 @@ def confine_checkpoint(
         return ensure_within(storage_root, uri)
     except PathEscapeError as e:
         raise PathEscapeError(f"{key}: {e}") from None
+
+
+def confine_init_from(storage_root: str, init_from: str) -> str:
+    """``train.init_from`` confined: a checkpoint read from the working directory, an
+    ``upcycle:PATH`` folder under ``storage_root`` (and still ``upcycle:``-prefixed)."""
+    dense = upcycle_source(init_from)
+    if dense is None:
+        return confine_checkpoint(storage_root, init_from)
+    return PREFIX + confine_checkpoint(storage_root, dense, relative_to="root")
