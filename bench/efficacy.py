@@ -38,23 +38,10 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from jobs.tracking.base import NullTracker  # noqa: E402
+from jobs.tracking.recorder import Recorder  # noqa: E402
 
 KINDS = ("moe", "dense", "upcycled")
 NEVER = 10**9
-
-
-class Recorder(NullTracker):
-    """Keeps every metric dict the loop logs; ``create()`` makes it a tracking spec."""
-
-    def __init__(self) -> None:
-        self.logs: list[tuple[int, dict[str, float]]] = []
-
-    def create(self) -> Recorder:
-        return self
-
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        self.logs.append((step, dict(metrics)))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -37,22 +37,9 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from jobs.tracking.base import NullTracker  # noqa: E402
+from jobs.tracking.recorder import Recorder  # noqa: E402
 
 SHAKESPEARE = Path("/work/shared/data/tinyshakespeare.txt")
-
-
-class Recorder(NullTracker):
-    """A tracker that keeps every logged metric dict; ``create()`` makes it a tracking spec."""
-
-    def __init__(self) -> None:
-        self.logs: list[tuple[int, dict[str, float]]] = []
-
-    def create(self) -> Recorder:
-        return self
-
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        self.logs.append((step, dict(metrics)))
 
 
 def corpus(folder: Path, megabytes: float) -> Path:

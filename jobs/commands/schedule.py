@@ -62,7 +62,7 @@ def add(
 @app.command("list")
 def list_(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Schedules with their trigger, state and next fire time (UTC)."""
-    from jobs.service.cli_support import echo_table
+    from jobs.commands.tables import echo_table
 
     store = _store(config, set_)
     nxt = store.next_run_times()
@@ -101,7 +101,7 @@ def history(
     set_: SetOpt = None,
 ) -> None:
     """Per run: scheduled time, submission id, status, MLflow run, model version, champion."""
-    from jobs.service.cli_support import echo_table
+    from jobs.commands.tables import echo_table
     from jobs.service.scheduler import refresh_all
 
     store = _store(config, set_)

@@ -92,7 +92,7 @@ def resolve_init(ctx: Context, manifest: dict[str, Any]) -> tuple[str | None, st
     init = getattr(ctx.cfg.train, "init_from", None)
     dense = upcycling.upcycle_source(init)
     if dense is not None:
-        path = upcycling.confine(ctx.cfg.storage.root, dense)
+        path = confine_checkpoint(ctx.cfg.storage.root, dense, relative_to="root")
         upcycling.check_fits(path, ctx.cfg.model.build(manifest.get("vocab_size")))
         return upcycling.PREFIX + path, upcycling.source_identity(path)
     if not init or init != CHAMPION:

@@ -23,8 +23,8 @@ from jobs.paths import safe_join
 from jobs.settings import ConfigError
 from jobs.tracking.base import resolve_tracking_uri
 from jobs.train.checkpoint import check_resume
-from jobs.train.init_from import confine_checkpoint
-from jobs.train.runs import latest_checkpoint, ray_storage, runs_uri
+from jobs.train.init_from import confine_init_from
+from jobs.train.runs import checkpoint_names, latest_checkpoint, ray_storage, runs_uri
 from pipeline.errors import PipelineError
 from pipeline.locks import storage_lock
 from pipeline.redaction import is_secret_key
@@ -76,7 +76,7 @@ def train(
     if init_from is None and cfg.train.init_from not in (None, "champion"):
         init_from = cfg.train.init_from  # `champion` is resolved by `run` (jobs.service.stages)
     if init_from is not None:
-        init_from = confine_checkpoint(cfg.storage.root, init_from)
+        init_from = confine_init_from(cfg.storage.root, init_from)
     # Two trainings of one run would share its folder and MLflow run: one at a time.
     with storage_lock(f"{run_uri}.lock"):
         return _train_locked(cfg, reader, model_cfg, run_name, run_uri, parent_run_id, init_from,
@@ -179,16 +179,14 @@ def _drop_orphans(result, run_uri: str) -> None:
     just before a worker died may never reach Ray's checkpoint manager, so ``num_to_keep``
     would leave it behind for good. Only what Ray's run snapshot references is kept, so a
     later rerun of the run still finds every checkpoint the snapshot names."""
-    from jobs.train.runs import CHECKPOINT_NAME
     from pipeline.storage import filesystem
 
     known = {c.path.rstrip("/").rsplit("/", 1)[-1] for c, _ in result.best_checkpoints or []}
     if not known:
         return
     fs, path = filesystem(run_uri)
-    for entry in fs.ls(path, detail=False):
-        name = entry.rstrip("/").rsplit("/", 1)[-1]
-        if CHECKPOINT_NAME.fullmatch(name) and name not in known:
+    for name in checkpoint_names(run_uri):
+        if name not in known:
             fs.rm(f"{path.rstrip('/')}/{name}", recursive=True)
 
 

@@ -43,7 +43,7 @@ from jobs.train.perf import Meter, peak_flops
 from jobs.train.sampler import Sampler
 from jobs.train.schedule import lr_at
 from jobs.train.step import Trainee, evaluate, perplexity, train_step
-from jobs.train.upcycling import confine, load_upcycled_weights, upcycle_source
+from jobs.train.upcycling import load_upcycled_weights, upcycle_source
 from moe_model import ModelConfig, MoETransformer
 
 log = logging.getLogger("jobs.train")
@@ -105,7 +105,9 @@ def build(
             state.world_size, state.global_batch_size = env.world_size, global_batch
             log.info("resumed from %s at step %d", path, state.step)
         elif upcycle_source(init_from) is not None:
-            dense = confine(root.storage.root, upcycle_source(init_from))
+            dense = confine_checkpoint(
+                root.storage.root, upcycle_source(init_from), relative_to="root"
+            )
             load_upcycled_weights(dense, module, model_cfg, cfg.seed)
         elif init_from:
             load_model_weights(confine_checkpoint(root.storage.root, init_from), module, model_cfg)

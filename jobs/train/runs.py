@@ -28,16 +28,23 @@ class SavedCheckpoint:
     model_config: dict[str, Any]
 
 
+def checkpoint_names(run_uri: str) -> list[str]:
+    """The run folder's ``checkpoint_XXXXXXXX`` folder names, oldest first (none if no folder)."""
+    from pipeline.storage import filesystem
+
+    fs, path = filesystem(run_uri)
+    if not fs.exists(path):
+        return []
+    listed = (p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
+    return sorted(name for name in listed if CHECKPOINT_NAME.fullmatch(name))
+
+
 def latest_checkpoint(run_uri: str) -> SavedCheckpoint | None:
     """The newest committed checkpoint of a run (highest step with a valid commit marker)."""
     from pipeline.storage import filesystem
 
     fs, path = filesystem(run_uri)
-    if not fs.exists(path):
-        return None
-    listed = (p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
-    names = sorted(name for name in listed if CHECKPOINT_NAME.fullmatch(name))
-    for name in reversed(names):
+    for name in reversed(checkpoint_names(run_uri)):
         base = f"{path.rstrip('/')}/{name}"
         if is_committed(f"{run_uri.rstrip('/')}/{name}"):
             state = TrainerState.from_dict(json.loads(fs.cat_file(f"{base}/{STATE_FILE}")))

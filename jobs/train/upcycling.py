@@ -20,7 +20,6 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
 from jobs.errors import JobError
-from jobs.paths import ensure_within
 from moe_model import ModelConfig
 from moe_model.upcycle import (
     UpcycleError,
@@ -54,11 +53,6 @@ def upcycle_source(init_from: str | None) -> str | None:
             raise JobError("train.init_from: 'upcycle:' needs a folder, as upcycle:PATH")
         return path
     return None
-
-
-def confine(storage_root: str, path: str) -> str:
-    """The dense folder as an absolute path inside the storage root (relative = under it)."""
-    return ensure_within(storage_root, path)
 
 
 def check_fits(path: str, model_cfg: ModelConfig) -> dict:

@@ -147,6 +147,21 @@ def test_the_pipeline_resolves_upcycle_inside_the_root_and_hashes_the_source(sto
         resolve_init(Context(bad, runs=None, cache=None), manifest={})
 
 
+def test_the_driver_confines_upcycle_under_the_root_and_keeps_the_prefix(tmp_path, monkeypatch):
+    """What ``train`` does with the path ``resolve_init`` hands it (or the user's own)."""
+    from jobs.train.init_from import confine_init_from
+
+    root = tmp_path / "root"
+    (root / "dense").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)  # the working directory is outside the root
+    assert confine_init_from(str(root), f"upcycle:{root / 'dense'}") == f"upcycle:{root / 'dense'}"
+    assert confine_init_from(str(root), "upcycle:dense") == f"upcycle:{root / 'dense'}"
+    with pytest.raises(PathEscapeError, match="train.init_from.*outside the storage root"):
+        confine_init_from(str(root), "upcycle:../elsewhere")
+    with pytest.raises(PathEscapeError, match="train.init_from.*outside the storage root"):
+        confine_init_from(str(root), "dense")  # a checkpoint path is read from cwd
+
+
 def test_tied_embeddings_stay_tied_through_the_trainers_loader(tmp_path):
     from jobs.train.upcycling import load_upcycled_weights
     from moe_model import ModelConfig, MoETransformer

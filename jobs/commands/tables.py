@@ -1,4 +1,4 @@
-"""What the service's subcommands share: printing tables."""
+"""Tables the subcommands print: plain aligned columns on stdout."""
 
 from __future__ import annotations
 
