@@ -93,14 +93,38 @@ def _txt(src: SourceFile, cfg: PrepareConfig) -> Iterator[Record]:
     if cfg.txt_split == "paragraph":
         yield from _paragraphs(src, cfg)
         return
-    buf = bytearray()
-    limit = _max_bytes(cfg)
+    yield from _book(src, cfg)
+
+
+def _book(src: SourceFile, cfg: PrepareConfig) -> Iterator[Record]:
+    """A ``.txt`` file as one document; one longer than ``clean.max_chars`` (a book: Project
+    Gutenberg's, tinyshakespeare) is cut at blank lines, else at line ends, into documents of
+    at most ``max_chars`` bytes, so it is trained on instead of quarantined whole. A single
+    line past the reader's limit is still ``too_long``."""
+    budget, limit = cfg.clean.max_chars, _max_bytes(cfg)
+    buf, line_no, offset = bytearray(), 1, 0
     for chunk in _text_chunks(src, cfg):
         buf += chunk
-        if len(buf) > limit:
-            yield None, 1, 0, "too_long", f"file longer than {limit} bytes"
-            return
-    yield _decode(bytes(buf), 1, 0)
+        while len(buf) > budget:
+            cut, gap = buf.rfind(b"\n\n", 0, budget + 1), 2
+            if cut <= 0:
+                cut, gap = buf.rfind(b"\n", 0, budget + 1), 1
+            if cut <= 0:
+                cut, gap = buf.find(b"\n", budget), 1
+            if cut < 0:
+                if len(buf) <= limit:
+                    break  # a long line: wait for its end
+                yield None, line_no, offset, "too_long", f"a line longer than {limit} bytes"
+                return
+            piece = bytes(buf[:cut])
+            yield _decode(piece, line_no, offset)
+            line_no += piece.count(b"\n") + gap
+            offset += cut + gap
+            del buf[: cut + gap]
+    if len(buf) > limit:
+        yield None, line_no, offset, "too_long", f"a line longer than {limit} bytes"
+    elif buf.strip() or offset == 0:
+        yield _decode(bytes(buf), line_no, offset)
 
 
 def _paragraphs(src: SourceFile, cfg: PrepareConfig) -> Iterator[Record]:

@@ -115,6 +115,16 @@ def build(
 
 
 def _check_fits(reader, model_cfg: ModelConfig) -> None:
+    train = reader.manifest["splits"]["train"]
+    if not train["rows"]:
+        quarantine = reader.manifest.get("quarantine", {})
+        reasons = ", ".join(f"{k} {v}" for k, v in quarantine.get("by_reason", {}).items())
+        raise JobError(
+            f"the dataset has no training rows of seq_len + 1 tokens ({train['documents']} "
+            f"documents kept, {quarantine.get('total', 0)} quarantined"
+            + (f": {reasons}" if reasons else "")
+            + "); see its quarantine/ folder, or lower data.seq_len"
+        )
     if reader.vocab_size > model_cfg.vocab_size:
         raise JobError(
             f"model.vocab_size: {model_cfg.vocab_size} is smaller than the dataset's "

@@ -183,3 +183,24 @@ def test_a_corpus_whose_documents_fill_val_keeps_the_hash_split(clean_corpus, tm
     m = prepare(tiny_config([str(clean_corpus)]), str(tmp_path / "out"), progress=False,
                 executor="local").manifest  # fmt: skip
     assert m["val_split"] == {"method": "document_hash", "rows_from_train": 0}
+
+
+def test_a_book_longer_than_max_chars_is_cut_at_blank_lines_not_quarantined(tmp_path):
+    rng = random.Random(4)
+    paragraphs = [document(rng, sentences=2) for _ in range(40)]
+    book = tmp_path / "book.txt"
+    book.write_text("\n\n".join(paragraphs) + "\n")
+    cfg = tiny_config([str(book)], clean={"max_chars": 1000})
+    assert len(book.read_bytes()) > 5 * 1000
+    result = prepare(cfg, str(tmp_path / "out"), progress=False, executor="local")
+    m = result.manifest
+    assert m["quarantine"]["total"] == 0
+    documents = sum(s["documents"] for s in m["splits"].values())
+    assert documents >= 5 and m["records_read"] == documents
+    ds = DatasetReader(result.uri)
+    tok = ds.load_tokenizer()
+    pieces = [tok.decode(ids) for split in ("train", "val")
+              for ids in complete_documents(split_stream(ds, split), ds.eos_token_id)]  # fmt: skip
+    assert all(len(p) <= 1000 for p in pieces)
+    joined = " ".join(p.replace("\n\n", " ") for p in pieces).split()
+    assert set(joined) <= set(" ".join(paragraphs).split())  # pieces of the book, nothing else
