@@ -267,3 +267,26 @@ def test_routing_artifacts_table_and_heatmap(tmp_path):
     assert lines[1] == "10,0,0,3,0.375000"
     assert art.heatmap.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     json.dumps(TrainerState().to_json())
+
+
+def test_training_a_dataset_without_train_rows_names_why_in_one_line(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from pipeline.config import PrepareConfig
+    from pipeline.prepare import prepare
+
+    (tmp_path / "c").mkdir()
+    for i in range(3):
+        (tmp_path / "c" / f"{i}.txt").write_text("tiny")  # every document too short
+    cfg = PrepareConfig(inputs=[str(tmp_path / "c")], seq_len=16, vocab_size=300,
+                        clean={"min_chars": 10})  # fmt: skip
+    uri = prepare(cfg, str(tmp_path / "out"), progress=False, executor="local").uri
+    cli = Path(sys.executable).parent / "moe-pretrain"
+    out = subprocess.run([str(cli), "train", "--dataset", uri, "--preset", "debug",
+                          "--storage", str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert out.returncode == 2, out.stderr[-2000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: the dataset has no training rows") and "too_short 3" in last
