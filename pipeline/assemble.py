@@ -101,8 +101,7 @@ class Assembler:
         handful of documents), the last ``ceil(val_fraction * train rows)`` packed train
         rows become val instead (at least 1, at most the rows held back, one shard or
         more; train keeps at least 1)."""
-        train_rows = sum(s["rows"] for s in self.writers["train"].shards)
-        train_rows += self.writers["train"]._pending_rows
+        train_rows = self.writers["train"].rows
         if self.documents["val"] or not self.cfg.val_fraction or train_rows < MIN_ROWS_FOR_TAIL_VAL:
             return {"method": "document_hash", "rows_from_train": 0}
         want = min(max(1, math.ceil(self.cfg.val_fraction * train_rows)), train_rows - 1)

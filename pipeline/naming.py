@@ -10,9 +10,11 @@ from __future__ import annotations
 import posixpath
 import re
 
+from pipeline.formats import COMPRESSIONS, FORMATS
+
 _GLOB = re.compile(r"[*?\[\]{}]")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
-_EXTENSIONS = (".gz", ".zst", ".zstd", ".txt", ".md", ".jsonl", ".json", ".parquet")
+_EXTENSIONS = tuple(COMPRESSIONS) + tuple(FORMATS)
 MAX_LEN = 64
 
 

@@ -15,20 +15,10 @@ from typing import Any
 
 from pipeline.config import S3Options
 from pipeline.errors import InputNotFoundError, PipelineError
+from pipeline.formats import COMPRESSIONS, FORMATS
 from pipeline.redaction import redact_uri
 from pipeline.storage import filesystem
 
-COMPRESSIONS = {".gz": "gzip", ".gzip": "gzip", ".zst": "zstd", ".zstd": "zstd"}
-FORMATS = {
-    ".txt": "txt",
-    ".text": "txt",
-    ".md": "txt",
-    ".rst": "txt",
-    ".jsonl": "jsonl",
-    ".ndjson": "jsonl",
-    ".json": "json",
-    ".parquet": "parquet",
-}
 _GLOB_CHARS = set("*?[")
 _DATA_FORMATS = ("jsonl", "json", "parquet")
 

@@ -66,6 +66,11 @@ class ShardWriter:
             rest = block[self.shard_rows :]
             self._pending, self._pending_rows = ([rest] if len(rest) else []), len(rest)
 
+    @property
+    def rows(self) -> int:
+        """Rows added so far: written in shards, and held back."""
+        return sum(s["rows"] for s in self.shards) + self._pending_rows
+
     def take_last(self, n: int) -> np.ndarray:
         """Remove and return the last ``n`` rows not yet written (fewer if fewer are held)."""
         if not self._pending_rows or n <= 0:
