@@ -48,10 +48,6 @@ def cluster_cpus() -> int:
     return max(1, int(ray.cluster_resources().get("CPU", os.cpu_count() or 1)))
 
 
-def default_workers() -> int:
-    return cluster_cpus()
-
-
 def _task_fn(stage: Stage):
     def run(batch: pa.Table) -> Iterator[pa.Table]:
         stage.ensure_setup()
@@ -80,7 +76,7 @@ def build(items: list[dict], stages: list[Stage], num_workers: int | None = None
             ds = ds.map_batches(
                 _StageActor,
                 fn_constructor_args=(stage,),
-                compute=ray.data.ActorPoolStrategy(size=num_workers or default_workers()),
+                compute=ray.data.ActorPoolStrategy(size=num_workers or cluster_cpus()),
                 num_cpus=ACTOR_CPUS,
                 **common,
             )

@@ -37,12 +37,12 @@ from jobs.train.distributed import all_reduce_sum, parallelize, uses_fsdp
 from jobs.train.env import WorkerEnv
 from jobs.train.generations import generate_samples
 from jobs.train.init_from import confine_checkpoint
+from jobs.train.lr_schedule import lr_at
 from jobs.train.monitor import DeadExpertWatch, IntervalStats
 from jobs.train.optim import build_optimizer
 from jobs.train.perf import Meter, peak_flops
 from jobs.train.sampler import Sampler
-from jobs.train.schedule import lr_at
-from jobs.train.step import Trainee, evaluate, perplexity, train_step
+from jobs.train.step import Trainee, held_out_loss, perplexity, train_step
 from jobs.train.upcycling import load_upcycled_weights, upcycle_source
 from moe_model import ModelConfig, MoETransformer
 
@@ -209,7 +209,7 @@ class Loop:
             loader.close()
         if "val/loss" not in self.final and self.val:
             # Nothing left to train (a finished run started again): still report the model.
-            val_loss = evaluate(self.s.trainee, self.val)
+            val_loss = held_out_loss(self.s.trainee, self.val)
             self.final.update({"val/loss": val_loss, "val/perplexity": perplexity(val_loss)})
         self.final["check/param_rank_spread"] = self.param_rank_spread()
         if self.last_checkpoint:
@@ -296,7 +296,7 @@ class Loop:
 
     def eval_and_samples(self, step: int) -> None:
         if self.val:
-            val_loss = evaluate(self.s.trainee, self.val)
+            val_loss = held_out_loss(self.s.trainee, self.val)
             val = {"val/loss": val_loss, "val/perplexity": perplexity(val_loss)}
             self.tracker.log(val, step)
             self.final.update(val)

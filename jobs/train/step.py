@@ -133,7 +133,7 @@ def perplexity(ce_loss: float) -> float:
 
 
 @torch.no_grad()
-def evaluate(tr: Trainee, batches: list[torch.Tensor]) -> float:
+def held_out_loss(tr: Trainee, batches: list[torch.Tensor]) -> float:
     """Mean validation cross-entropy over all ranks' batches (each batch has equal tokens)."""
     tr.module.eval()
     total = torch.zeros(2, device=tr.device, dtype=torch.float64)

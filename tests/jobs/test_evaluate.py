@@ -10,7 +10,7 @@ from jobs.errors import JobError
 from jobs.service.evaluate import EvalResult, loss_on
 from jobs.train.config import TrainConfig
 from jobs.train.optim import build_optimizer
-from jobs.train.step import Trainee, evaluate, perplexity
+from jobs.train.step import Trainee, held_out_loss, perplexity
 from moe_model import ModelConfig, MoETransformer
 
 
@@ -37,6 +37,6 @@ def test_evaluation_scores_with_the_trainers_loss_bit_for_bit():
         per_batch = [model(b[:, :-1], targets=b[:, 1:]).ce_loss.double() for b in batches]
     assert metrics["loss"] == float(sum(per_batch) / 2)
     tr = Trainee(model, model, build_optimizer(model, TrainConfig()), torch.device("cpu"), False)
-    assert metrics["loss"] == evaluate(tr, batches)
+    assert metrics["loss"] == held_out_loss(tr, batches)
     assert not logits_made
     assert metrics["perplexity"] == perplexity(metrics["loss"]) == math.exp(metrics["loss"])

@@ -23,11 +23,11 @@ from jobs.train.checkpoint import (
 )
 from jobs.train.commit import write_commit
 from jobs.train.config import TrainConfig
+from jobs.train.lr_schedule import lr_at
 from jobs.train.monitor import DeadExpertWatch, IntervalStats
 from jobs.train.optim import build_optimizer, decays
 from jobs.train.perf import Meter
 from jobs.train.sampler import Sampler, micro_batch_samples
-from jobs.train.schedule import lr_at
 from jobs.train.step import Trainee, train_step
 from moe_model import ModelConfig, MoETransformer
 

@@ -20,7 +20,7 @@ from jobs.train import loop
 from jobs.train.checkpoint import load_checkpoint_model
 from jobs.train.data import val_batches
 from jobs.train.env import LocalEnv
-from jobs.train.step import evaluate
+from jobs.train.step import held_out_loss
 from moe_model.upcycle import save_dense_hf
 
 MOE = ["model.preset=debug", "model.vocab_size=320", "model.max_seq_len=64"]
@@ -68,17 +68,17 @@ def test_upcycled_moe_starts_at_the_dense_models_held_out_loss(storage, dataset)
     s, cfg = _setup(root, dataset)
     assert s.model_cfg.num_experts == 4 and s.model_cfg.top_k == 2
     val = val_batches(s.reader, 0, 1, cfg.train.micro_batch_size, cfg.train.eval_batches)
-    moe_loss = evaluate(s.trainee, val)
+    moe_loss = held_out_loss(s.trainee, val)
     dense_setup = loop.build(
         load_config(RootConfig, None, [*DENSE, *TRAIN, f"storage.root={root}"]),
         dataset,
         LocalEnv(None),
     )
     dense_setup.trainee.raw.load_state_dict(dense.state_dict())
-    assert moe_loss == pytest.approx(evaluate(dense_setup.trainee, val), abs=1e-5)
+    assert moe_loss == pytest.approx(held_out_loss(dense_setup.trainee, val), abs=1e-5)
     # ... and it is not what a fresh MoE scores.
     fresh = loop.build(cfg, dataset, LocalEnv(None))
-    assert abs(evaluate(fresh.trainee, val) - moe_loss) > 0.1
+    assert abs(held_out_loss(fresh.trainee, val) - moe_loss) > 0.1
     w13 = s.trainee.raw.layers[0].moe.w13
     assert all(torch.equal(w13[0], w13[j]) for j in range(1, 4))
 
