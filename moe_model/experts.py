@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from moe_model import scratch
+from moe_model.cpu import scratch
 from moe_model.dispatch import DispatchPlan
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from moe_model import scratch
+from moe_model.cpu import scratch
 
 IGNORE_INDEX = -100
 # Row blocks for the two GEMMs. CPU: one block of all rows, since MKL re-packs the [V, D]

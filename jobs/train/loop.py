@@ -45,6 +45,7 @@ from jobs.train.sampler import Sampler
 from jobs.train.step import Trainee, held_out_loss, perplexity, train_step
 from jobs.train.upcycling import load_upcycled_weights, upcycle_source
 from moe_model import ModelConfig, MoETransformer
+from moe_model.cpu import scratch
 
 log = logging.getLogger("jobs.train")
 
@@ -151,8 +152,10 @@ def run(
         tracker.log_params(root.model_dump(mode="json"))
     tracker.set_tags({"dataset_uri": dataset_uri, "dataset_fingerprint": s.reader.fingerprint})
     status = "FAILED"
+    # The CPU scratch pool lives as long as this run (moe_model/cpu/scratch.py).
     try:
-        result = Loop(s, env, tracker).run()
+        with scratch.scope():
+            result = Loop(s, env, tracker).run()
         status = "FAILED" if result.get("aborted") else "FINISHED"
     finally:
         tracker.close(status)

@@ -1,7 +1,7 @@
 """The GPU path under torch.compile: bf16, grouped GEMM experts, the portable ops.
 
 `F.grouped_mm` has a CPU kernel for bf16, so the path CUDA runs can be traced here. Inside a
-compiled graph the CPU-only autograd Functions step aside (`layers.eager_cpu`), so what is
+compiled graph the CPU-only autograd Functions step aside (`moe_model.cpu.functions.eager_cpu`), so what is
 traced on CPU is what a GPU compiles. The trainer compiles block by block
 (`jobs.train.distributed.apply_compile`), so a block is the unit tested.
 """

@@ -2,7 +2,8 @@
 
 import torch
 
-from moe_model.layers import RMSNorm, RotaryEmbedding, _SplitRopeCPU, apply_rope
+from moe_model.cpu.functions import SplitRopeCPU
+from moe_model.layers import RMSNorm, RotaryEmbedding, apply_rope
 
 
 def _hf_rms_norm(x, weight, eps):
@@ -43,7 +44,7 @@ def test_split_rope_matches_apply_rope_exactly_and_in_gradients():
     rope = RotaryEmbedding(Dh, 32, 10000.0)
     cos, sin = rope(3, T, torch.float32)  # an offset start, as when decoding
     qkv = torch.randn(2, T, H + 2 * Hkv, Dh, requires_grad=True)
-    ours = _SplitRopeCPU.apply(qkv, cos, sin, H)
+    ours = SplitRopeCPU.apply(qkv, cos, sin, H)
     ref = _reference_split(qkv, cos, sin, H)
     for a, b in zip(ours, ref, strict=True):
         assert a.shape == b.shape

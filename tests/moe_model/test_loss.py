@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moe_model import hugepages, scratch
 from moe_model import loss as loss_mod
+from moe_model.cpu import hugepages, scratch
 from moe_model.loss import causal_lm_loss, head_and_loss, head_loss, shift_labels
 
 
@@ -70,9 +70,10 @@ def test_huge_page_logits_buffer_matches_reference(monkeypatch):
     """The CPU logits live in a pooled, mmap'd buffer above a size threshold; force that path."""
     monkeypatch.setattr(hugepages, "MIN_BYTES", 1)
     monkeypatch.setattr(scratch, "MIN_BYTES", 1)
-    scratch.clear()
-    h, w, labels = _inputs(3)
-    logits, loss = head_and_loss(h, w, labels)
+    with scratch.scope() as pool:
+        h, w, labels = _inputs(3)
+        logits, loss = head_and_loss(h, w, labels)
+        assert pool.misses > 0  # the logits came from the pool
     ref_logits = F.linear(h, w)
     torch.testing.assert_close(logits, ref_logits)
     torch.testing.assert_close(loss, causal_lm_loss(ref_logits, labels))

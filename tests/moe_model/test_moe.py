@@ -203,12 +203,16 @@ def test_grouped_mm_on_cuda_matches_loop_in_bf16():
 def test_pooled_buffers_across_steps_and_retained_graphs(monkeypatch):
     """With every buffer pooled, repeated steps and a second backward through a retained
     graph still give the naive reference's gradients (saved tensors are never reused)."""
-    from moe_model import hugepages, scratch
+    from moe_model.cpu import hugepages, scratch
 
     monkeypatch.setattr(scratch, "MIN_BYTES", 1)
     monkeypatch.setattr(hugepages, "MIN_BYTES", 1)
-    scratch.clear()
-    moe = _moe()
+    with scratch.scope() as pool:
+        _pooled_steps(_moe())
+    assert pool.hits > 0  # the second step reused the first one's released buffers
+
+
+def _pooled_steps(moe):
     moe.backend = "loop"
     x = torch.randn(3, 11, moe.w2.shape[1], requires_grad=True)
     g = torch.randn_like(x)
@@ -224,4 +228,3 @@ def test_pooled_buffers_across_steps_and_retained_graphs(monkeypatch):
         for a, b, c in zip(first, second, expected, strict=True):
             torch.testing.assert_close(a, c, atol=1e-4, rtol=1e-4)
             torch.testing.assert_close(b, c, atol=1e-4, rtol=1e-4)
-    scratch.clear()

@@ -3,26 +3,65 @@
 import pytest
 import torch
 
-from moe_model import hugepages, scratch
+from moe_model.cpu import hugepages, scratch
 
 
 @pytest.fixture(autouse=True)
 def small_pool(monkeypatch):
-    """Pool (and huge-page) every size, start empty, leave nothing behind."""
+    """Pool (and huge-page) every size inside a fresh scope, as the trainer opens one."""
     monkeypatch.setattr(scratch, "MIN_BYTES", 1)
     monkeypatch.setattr(hugepages, "MIN_BYTES", 1)
-    scratch.clear()
-    yield
-    scratch.clear()
+    with scratch.scope() as pool:
+        yield pool
 
 
-def test_a_released_buffer_is_reused():
+def test_a_released_buffer_is_reused(small_pool):
     like = torch.empty(0)
     a = scratch.empty((4, 8), like)
     ptr = a.data_ptr()
     del a
     b = scratch.empty((8, 4), like)
     assert b.data_ptr() == ptr and b.shape == (8, 4)
+    assert (small_pool.hits, small_pool.misses) == (1, 1)
+
+
+def test_outside_a_scope_nothing_is_pooled(small_pool):
+    like = torch.empty(0)
+    scratch.empty((4, 8), like)
+    with scratch.scope() as inner:  # the innermost scope serves, and frees its pool at exit
+        scratch.empty((4, 8), like)
+        assert inner.misses == 1 and scratch.pooled_bytes() == 32 * 4
+    assert inner.pooled_bytes == 0 and small_pool.misses == 1
+
+
+def test_no_scope_means_plain_allocation(monkeypatch):
+    monkeypatch.setattr(scratch, "_active", [])  # as if no scope were open
+    a = scratch.empty((4, 8), torch.empty(0))
+    del a
+    assert scratch.empty((4, 8), torch.empty(0)) is not None and scratch.pooled_bytes() == 0
+    monkeypatch.undo()  # the fixture's scope closes on the real stack
+
+
+def test_threads_never_share_a_buffer(small_pool):
+    """Two threads allocating at once each get their own buffer (the pool is locked)."""
+    import threading
+
+    like = torch.empty(0)
+    held: list[torch.Tensor] = []
+    guard = threading.Lock()
+
+    def grab():
+        for _ in range(200):
+            t = scratch.empty((4, 8), like)
+            with guard:
+                held.append(t)
+
+    threads = [threading.Thread(target=grab) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({t.data_ptr() for t in held}) == len(held)
 
 
 def test_a_buffer_in_use_is_never_handed_out_again():
