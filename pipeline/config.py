@@ -50,6 +50,27 @@ class CleanConfig(Section):
         return v
 
 
+class NearDupConfig(Section):
+    """MinHash LSH near-duplicate removal (Broder 1997); off unless ``threshold`` is set."""
+
+    threshold: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Estimated Jaccard similarity of word n-gram sets at or above which the "
+        "later document is quarantined (near_duplicate); None = off. 0.8 is the usual choice "
+        "(Lee et al. 2022, 'Deduplicating Training Data Makes Language Models Better').",
+    )
+    ngram: int = Field(5, ge=1, description="Words per shingle (Lee et al. 2022 use 5).")
+    num_perm: int = Field(
+        128, ge=16, le=1024, description="MinHash permutations: more = sharper threshold, slower."
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.threshold is not None
+
+
 class SpecialTokens(Section):
     pad: str = "<pad>"
     bos: str = "<bos>"
@@ -92,6 +113,7 @@ class PrepareConfig(Section):
         "rest of the file is quarantined (too_large); the records before it are kept.",
     )
     dedup: bool = Field(True, description="Drop exact duplicates (after cleaning) corpus-wide.")
+    near_dup: NearDupConfig = NearDupConfig()
     max_documents: int | None = Field(
         None, gt=0, description="Keep the first N documents (stable order) after dedup."
     )
@@ -143,7 +165,11 @@ class PrepareConfig(Section):
 
     def fingerprint_view(self) -> dict[str, Any]:
         """The keys that decide the output bytes (see ``RUNTIME_ONLY``)."""
-        return self.model_dump(mode="json", exclude=set(RUNTIME_ONLY))
+        view = self.model_dump(mode="json", exclude=set(RUNTIME_ONLY))
+        # Off changes no byte, so the datasets built before the key existed stay cache hits.
+        if not self.near_dup.enabled:
+            del view["near_dup"]
+        return view
 
     def public_view(self) -> dict[str, Any]:
         """The resolved config as written to the manifest: credentials redacted, by key

@@ -56,12 +56,17 @@ class Found:
 
 def applies(cfg: PrepareConfig) -> bool:
     """``max_documents`` keeps the first N documents of the whole listing, which an
-    extension of a base cannot honour; such configs always build in full."""
-    return cfg.incremental and cfg.max_documents is None
+    extension of a base cannot honour; near-duplicate removal would need the base's
+    MinHash signatures, which are not stored. Such configs always build in full."""
+    return cfg.incremental and cfg.max_documents is None and not cfg.near_dup.enabled
 
 
 def comparable(config: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in config.items() if k not in _FREE_KEYS}
+    """``near_dup`` when off is left out: builds from before that key existed stay bases."""
+    view = {k: v for k, v in config.items() if k not in _FREE_KEYS}
+    if (view.get("near_dup") or {}).get("threshold") is None:
+        view.pop("near_dup", None)
+    return view
 
 
 def find(

@@ -3,7 +3,8 @@
 list sources -> fingerprint -> cache hit? -> base to extend? (see
 ``pipeline.incremental``) -> tokenizer (the base's, loaded, or trained on a
 sample of the cleaned stream) -> read+clean (tasks) -> tokenize (actor pool)
--> ordered pack + write in the driver -> tokenizer.json, doc_hashes.npy ->
+(MinHash signatures too, when near-dedup is on) -> ordered pack + write in the
+driver -> tokenizer.json, doc_hashes.npy ->
 list and verify -> manifest.json last. A run killed at any point leaves no
 manifest; the rerun has the same fingerprint and rewrites the same files,
 then commits.
@@ -40,6 +41,7 @@ from pipeline.manifest import (
     uncommit,
     write_manifest,
 )
+from pipeline.minhash_stage import MinHashStage
 from pipeline.progress import Progress
 from pipeline.sources import SourceFile, list_sources
 from pipeline.stage import ReadStage, Stage, file_groups, run_sequential
@@ -145,7 +147,10 @@ def _build(
     items = list(file_groups(todo))
     with Progress(progress) as bar:
         assembler, tok = _setup(cfg, plan, items, bar)
-        stages = [ReadStage(cfg), CleanStage(cfg.clean), _tokenize_stage(cfg, tok)]
+        stages = [ReadStage(cfg), CleanStage(cfg.clean)]
+        if cfg.near_dup.enabled:
+            stages.append(MinHashStage(cfg.near_dup))
+        stages.append(_tokenize_stage(cfg, tok))
         with closing(run(items, stages)) as tables:
             for table in tables:
                 assembler.consume(table)
@@ -243,6 +248,7 @@ def _manifest(
         "val_split": stats["val_split"],
         "quarantine": stats["quarantine"],
         "duplicates_removed": stats["duplicates_removed"],
+        "near_duplicates": stats["near_duplicates"],
         "records_read": stats["records_in"],
         "doc_hashes": [doc_hashes],
         "sources": [s.listing_entry() for s in plan.sources],
