@@ -42,19 +42,23 @@ class Assembler:
         dataset_uri: str,
         dtype: np.dtype,
         seen: np.ndarray | None = None,
+        quarantine: QuarantineWriter | None = None,
+        source: str | None = None,
     ):
-        """``seen``: hashes of documents kept by the dataset this build extends."""
+        """``seen``: hashes of documents kept by the dataset this build extends;
+        ``quarantine``: shared by the sources of a mixture (the caller closes it);
+        ``source``: the mixture source, whose shards go to ``{split}/{source}/``."""
         self.cfg = cfg
         self.dedup = Deduper(cfg.dedup)
         self.near = NearDeduper(cfg.near_dup) if cfg.near_dup.enabled else None
         if seen is not None:
             self.dedup.seed(seen)
-        self.quarantine = QuarantineWriter(dataset_uri, cfg.s3)
+        self.quarantine = quarantine or QuarantineWriter(dataset_uri, cfg.s3)
         self.packers = {s: Packer(cfg.row_len, dtype) for s in SPLITS}
         # Train holds one shard back, so that the tail can still become val (``_tail_val``).
         self.writers = {
-            s: ShardWriter(dataset_uri, s, cfg.row_len, dtype, cfg.shard_rows, cfg.s3,
-                           hold_back=cfg.shard_rows if s == "train" else 0)
+            s: ShardWriter(dataset_uri, f"{s}/{source}" if source else s, cfg.row_len, dtype,
+                           cfg.shard_rows, cfg.s3, hold_back=cfg.shard_rows if s == "train" else 0)
             for s in SPLITS
         }  # fmt: skip
         self.documents = dict.fromkeys(SPLITS, 0)
@@ -176,7 +180,6 @@ class Assembler:
             }
         return {
             "splits": splits,
-            "quarantine": self.quarantine.close(),
             "duplicates_removed": self.dedup.removed,
             "near_duplicates": self._near_summary(),
             "records_in": self.records_in,

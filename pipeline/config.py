@@ -87,6 +87,34 @@ class S3Options(Section):
     anon: bool = False
 
 
+class SourceConfig(Section):
+    """One named part of a mixture: its own shards, drawn from by ``weight`` in training."""
+
+    name: str = Field(description="Folder under train/ and val/; `val/<name>/loss` in MLflow.")
+    inputs: list[str] = Field(description="Files, folders, globs, URIs, as data.inputs.")
+    weight: float = Field(1.0, gt=0, description="Relative share of training samples.")
+    max_epochs: float | None = Field(
+        None,
+        gt=0,
+        description="Passes over this source's train rows at most; then its weight is "
+        "renormalised away. None = repeated as often as its weight asks.",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not NAME_PATTERN.match(v):
+            raise ValueError("must be letters, digits, '.', '_' or '-'")
+        return v
+
+    @field_validator("inputs")
+    @classmethod
+    def _inputs(cls, v: list[str]) -> list[str]:
+        if not v or any(not s.strip() for s in v):
+            raise ValueError("must be a non-empty list of URIs")
+        return v
+
+
 class PrepareConfig(Section):
     name: str = Field(
         "python-docs",
@@ -96,6 +124,11 @@ class PrepareConfig(Section):
     inputs: list[str] = Field(
         default_factory=lambda: ["builtin://python-docs"],
         description="Files, folders, globs, s3://, hf://datasets/..., builtin://python-docs.",
+    )
+    sources: list[SourceConfig] | None = Field(
+        None,
+        description="A weighted mixture of named sources, each with its own inputs; "
+        "None = data.inputs is the one source.",
     )
     seq_len: int = Field(256, gt=0)
     vocab_size: int = Field(8192, ge=256)
@@ -141,9 +174,34 @@ class PrepareConfig(Section):
     @model_validator(mode="before")
     @classmethod
     def _default_name(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("name") is None and data.get("inputs"):
-            return {**data, "name": default_name(list(data["inputs"]))}
-        return data
+        if not isinstance(data, dict) or data.get("name") is not None:
+            return data
+        inputs = data.get("inputs")
+        if not inputs and isinstance(data.get("sources"), list):
+            inputs = [
+                u for s in data["sources"] if isinstance(s, dict) for u in s.get("inputs") or []
+            ]
+        return {**data, "name": default_name(list(inputs))} if inputs else data
+
+    @model_validator(mode="after")
+    def _one_way_to_give_inputs(self) -> PrepareConfig:
+        if self.sources is None:
+            return self
+        if "inputs" in self.model_fields_set:
+            raise ValueError("config key 'data.inputs': give data.inputs or data.sources, not both")
+        names = [s.name for s in self.sources]
+        if not names:
+            raise ValueError("config key 'data.sources': must list at least one source")
+        if len(set(names)) != len(names):
+            raise ValueError(f"config key 'data.sources': source names repeat ({names})")
+        return self
+
+    @property
+    def mixture(self) -> list[SourceConfig]:
+        """The sources; a config without ``sources`` is one source named after the dataset."""
+        if self.sources is not None:
+            return list(self.sources)
+        return [SourceConfig(name=self.name, inputs=self.inputs)]
 
     @field_validator("name")
     @classmethod
@@ -166,9 +224,11 @@ class PrepareConfig(Section):
     def fingerprint_view(self) -> dict[str, Any]:
         """The keys that decide the output bytes (see ``RUNTIME_ONLY``)."""
         view = self.model_dump(mode="json", exclude=set(RUNTIME_ONLY))
-        # Off changes no byte, so the datasets built before the key existed stay cache hits.
+        # Unset, these change no byte: datasets built before the keys existed stay cache hits.
         if not self.near_dup.enabled:
             del view["near_dup"]
+        if self.sources is None:
+            del view["sources"]
         return view
 
     def public_view(self) -> dict[str, Any]:
