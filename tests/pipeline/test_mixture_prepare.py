@@ -97,3 +97,32 @@ def test_bad_sources_are_one_line_naming_the_key(overrides, needle):
     with pytest.raises(ConfigError) as err:
         load_root_config(None, overrides)
     assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.slow
+def test_cli_prepares_a_mixture_and_names_each_source(ray_local, two_sources, tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from jobs.commands import prepare as prepare_cmd
+
+    app = typer.Typer()
+    prepare_cmd.register(app)
+    app.command("noop")(lambda: None)
+    config = tmp_path / "mix.yaml"
+    config.write_text(
+        "data:\n  name: mix\n  shard_rows: 8\n  seq_len: 31\n  vocab_size: 300\n"
+        "  near_dup: {threshold: 0.8}\n  sources:\n"
+        f"    - {{name: web, inputs: ['{two_sources['web']}'], weight: 3}}\n"
+        f"    - {{name: code, inputs: ['{two_sources['code']}'], max_epochs: 2}}\n"
+    )
+    result = CliRunner().invoke(
+        app, ["prepare", "-c", str(config), "-o", str(tmp_path / "o"), "-q"]
+    )
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.strip().splitlines()
+    assert any(line.startswith("  source web: weight 3, epochs unbounded") for line in lines)
+    assert any(line.startswith("  source code: weight 1, epochs at most 2") for line in lines)
+    ds = DatasetReader(lines[-1])
+    assert [m["name"] for m in ds.mixture] == ["web", "code"]
+    assert ds.manifest["near_duplicates"]["removed"] == 0
