@@ -173,22 +173,29 @@ class PrepareConfig(Section):
 
     @model_validator(mode="before")
     @classmethod
-    def _default_name(cls, data: Any) -> Any:
-        if not isinstance(data, dict) or data.get("name") is not None:
+    def _derived_inputs_and_name(cls, data: Any) -> Any:
+        """A mixture's ``inputs`` are its sources' (so a dumped config validates again);
+        ``name`` defaults to one read off the inputs."""
+        if not isinstance(data, dict):
             return data
-        inputs = data.get("inputs")
-        if not inputs and isinstance(data.get("sources"), list):
-            inputs = [
-                u for s in data["sources"] if isinstance(s, dict) for u in s.get("inputs") or []
-            ]
-        return {**data, "name": default_name(list(inputs))} if inputs else data
+        sources = data.get("sources")
+        if isinstance(sources, list):
+            listed = [u for s in sources if isinstance(s, dict) for u in s.get("inputs") or []]
+            given = data.get("inputs")
+            if given is not None and list(given) != listed:
+                raise ValueError(
+                    "config key 'data.inputs': give data.inputs or data.sources, not both"
+                )
+            if listed:
+                data = {**data, "inputs": listed}
+        if data.get("name") is None and data.get("inputs"):
+            return {**data, "name": default_name(list(data["inputs"]))}
+        return data
 
     @model_validator(mode="after")
-    def _one_way_to_give_inputs(self) -> PrepareConfig:
+    def _sources_named_once(self) -> PrepareConfig:
         if self.sources is None:
             return self
-        if "inputs" in self.model_fields_set:
-            raise ValueError("config key 'data.inputs': give data.inputs or data.sources, not both")
         names = [s.name for s in self.sources]
         if not names:
             raise ValueError("config key 'data.sources': must list at least one source")

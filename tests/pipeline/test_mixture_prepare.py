@@ -84,6 +84,22 @@ def test_a_version_1_manifest_is_still_read(tmp_path):
     assert ds.read_shard("train", 0).shape == (4, 9)
 
 
+def test_a_mixture_config_round_trips_and_lists_every_input(two_sources):
+    """The Ray Train driver ships the config as a dump and validates it again on the workers."""
+    from jobs.config import RootConfig
+
+    cfg = load_root_config(
+        None,
+        [
+            f"data.sources={json.dumps(mixture_config(two_sources).model_dump(mode='json')['sources'])}"
+        ],
+    )
+    assert cfg.data.inputs == [str(two_sources["web"]), str(two_sources["code"])]
+    assert cfg.data.name == "web-and-1-more"
+    again = RootConfig.model_validate(cfg.model_dump(mode="json"))
+    assert again.data == cfg.data
+
+
 @pytest.mark.parametrize(
     "overrides, needle",
     [
