@@ -18,6 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import torch
 
+from jobs.train.mixture_sampler import MixtureSampler
 from jobs.train.sampler import Sampler, micro_batch_samples
 
 _LOOKAHEAD_STEPS = 4
@@ -74,7 +75,7 @@ class TrainBatches:
     def __init__(
         self,
         reader,
-        sampler: Sampler,
+        sampler: Sampler | MixtureSampler,
         rank: int,
         world: int,
         micro_batch: int,

@@ -88,6 +88,7 @@ class MixtureSampler:
         ]
         self._starts = np.concatenate([[0], np.cumsum(all_shard_rows)]).astype(np.int64)
         self._labels = lru_cache(maxsize=8)(self._block_labels)
+        self.phases_quota: list[np.ndarray] = []
         self.phases = self._plan()
 
     def _block_labels(self, phase: int, block: int) -> np.ndarray:
@@ -100,7 +101,6 @@ class MixtureSampler:
         weights = np.array([s.weight for s in self.sources], dtype=np.float64)
         before = np.zeros(len(self.sources), np.int64)
         phases: list[Phase] = []
-        self.phases_quota: list[np.ndarray] = []
         start = 0
         while True:
             active = before < caps
