@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 import shutil
 from pathlib import Path
@@ -94,9 +95,13 @@ def test_the_small_source_runs_out_within_the_run(mixture):
     assert sampler.schedule[1]["shares"] == {"web": 1.0, "code": 0.0}
 
 
-def test_val_loss_per_source_and_exact_resume(mixture, tmp_path):
+def test_val_loss_per_source_and_exact_resume(mixture, tmp_path, caplog):
     cfg = load_config(RootConfig, None, SETTINGS)
-    result, full = run(cfg, mixture, tmp_path / "a")
+    with caplog.at_level(logging.INFO, logger="jobs.train"):
+        result, full = run(cfg, mixture, tmp_path / "a")
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("mixture from")]
+    assert said[0] == "mixture from sample 0: web 0.750, code 0.250"
+    assert said[1].endswith("web 1.000, code 0.000"), "the run logs when code runs out"
     metrics = result["metrics"]
     assert {"val/loss", "val/web/loss", "val/code/loss"} <= set(metrics)
     assert metrics["val/web/loss"] != metrics["val/code/loss"]
