@@ -188,6 +188,7 @@ class Loop:
         s, cfg = self.s, self.cfg
         sampler = train_sampler(s.reader, cfg.seed, cfg.shuffle_window_shards)
         if isinstance(sampler, MixtureSampler):
+            _check_capacity(sampler, cfg.max_steps * s.global_batch)
             _log_schedule(sampler)
         loader = TrainBatches(
             s.reader,
@@ -355,6 +356,16 @@ class Loop:
 
 
 __all__ = ["run", "build", "Loop", "step_seed", "use_bf16", "all_reduce_sum"]
+
+
+def _check_capacity(sampler: MixtureSampler, samples: int) -> None:
+    """Say before the first step, not in the loader thread at step N, that data runs out."""
+    if samples > sampler.capacity:
+        raise JobError(
+            f"train.max_steps: the run needs {samples} samples, but the sources' max_epochs "
+            f"allow {int(sampler.capacity)}; raise data.sources[].max_epochs or lower "
+            "train.max_steps"
+        )
 
 
 def _log_schedule(sampler: MixtureSampler) -> None:

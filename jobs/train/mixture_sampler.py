@@ -136,6 +136,11 @@ class MixtureSampler:
         return full * self.phases_quota[phase] + partial
 
     @property
+    def capacity(self) -> float:
+        """Samples the mixture can give before every source reaches ``max_epochs`` (or inf)."""
+        return self.phases[-1].end
+
+    @property
     def schedule(self) -> list[dict]:
         """Each phase: where it starts and each source's share of it."""
         return [

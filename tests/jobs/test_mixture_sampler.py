@@ -64,6 +64,7 @@ def test_max_epochs_stops_a_source_and_renormalises_the_rest():
 
 def test_every_source_exhausted_is_an_error_naming_max_epochs():
     s = sampler(code_epochs=1, web_epochs=1)
+    assert s.capacity == 350 and sampler(code_epochs=1).capacity == float("inf")
     assert len(s.rows(0, 350)) == 350
     with pytest.raises(ValueError, match="max_epochs"):
         s.rows(349, 2)
@@ -81,3 +82,12 @@ def test_seed_changes_the_order_not_the_shares():
     a, b = sampler(seed=1).rows(0, BLOCK), sampler(seed=2).rows(0, BLOCK)
     assert a.tolist() != b.tolist()
     assert (source_of(sampler(1), a) == "code").sum() == (source_of(sampler(2), b) == "code").sum()
+
+
+def test_a_run_longer_than_every_source_allows_fails_before_the_first_step():
+    from jobs.errors import JobError
+    from jobs.train.loop import _check_capacity
+
+    _check_capacity(sampler(code_epochs=1), 10**9)  # web is unbounded
+    with pytest.raises(JobError, match=r"^train.max_steps: the run needs 351 samples.* allow 350"):
+        _check_capacity(sampler(code_epochs=1, web_epochs=1), 351)
