@@ -142,3 +142,14 @@ def test_cli_prepares_a_mixture_and_names_each_source(ray_local, two_sources, tm
     ds = DatasetReader(lines[-1])
     assert [m["name"] for m in ds.mixture] == ["web", "code"]
     assert ds.manifest["near_duplicates"]["removed"] == 0
+
+
+@pytest.mark.slow
+def test_a_mixture_is_the_same_on_ray_at_two_workers_as_in_process(
+    ray_local, two_sources, tmp_path
+):
+    on_ray = prepare(mixture_config(two_sources, num_workers=2), str(tmp_path / "r"), False)
+    local = prepare(mixture_config(two_sources), str(tmp_path / "l"), False, "local")
+    assert on_ray.manifest["mixture"] == local.manifest["mixture"]
+    for split in ("train", "val"):
+        assert on_ray.manifest["splits"][split] == local.manifest["splits"][split]
