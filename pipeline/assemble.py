@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 from pipeline.config import PrepareConfig
 from pipeline.dedup import Deduper
 from pipeline.manifest import SPLITS
+from pipeline.near_dedup import Match, NearDeduper
 from pipeline.pack import Packer
 from pipeline.quarantine import QuarantineWriter
 from pipeline.writer import ShardWriter
@@ -41,18 +42,23 @@ class Assembler:
         dataset_uri: str,
         dtype: np.dtype,
         seen: np.ndarray | None = None,
+        quarantine: QuarantineWriter | None = None,
+        source: str | None = None,
     ):
-        """``seen``: hashes of documents kept by the dataset this build extends."""
+        """``seen``: hashes of documents kept by the dataset this build extends;
+        ``quarantine``: shared by the sources of a mixture (the caller closes it);
+        ``source``: the mixture source, whose shards go to ``{split}/{source}/``."""
         self.cfg = cfg
         self.dedup = Deduper(cfg.dedup)
+        self.near = NearDeduper(cfg.near_dup) if cfg.near_dup.enabled else None
         if seen is not None:
             self.dedup.seed(seen)
-        self.quarantine = QuarantineWriter(dataset_uri, cfg.s3)
+        self.quarantine = quarantine or QuarantineWriter(dataset_uri, cfg.s3)
         self.packers = {s: Packer(cfg.row_len, dtype) for s in SPLITS}
         # Train holds one shard back, so that the tail can still become val (``_tail_val``).
         self.writers = {
-            s: ShardWriter(dataset_uri, s, cfg.row_len, dtype, cfg.shard_rows, cfg.s3,
-                           hold_back=cfg.shard_rows if s == "train" else 0)
+            s: ShardWriter(dataset_uri, f"{s}/{source}" if source else s, cfg.row_len, dtype,
+                           cfg.shard_rows, cfg.s3, hold_back=cfg.shard_rows if s == "train" else 0)
             for s in SPLITS
         }  # fmt: skip
         self.documents = dict.fromkeys(SPLITS, 0)
@@ -72,7 +78,9 @@ class Assembler:
         good_rows = np.flatnonzero(ok)
         hashes = table.column("hash").to_numpy()[good_rows]
         budget = None if self.cfg.max_documents is None else self.cfg.max_documents - self.kept
-        keep, consumed = self.dedup.select(hashes, budget)
+        matches: dict[int, Match] = {}
+        near = self._near_check(table, good_rows, hashes, matches) if self.near else None
+        keep, consumed = self.dedup.select(hashes, budget, near)
         if consumed < len(hashes) or (budget is not None and keep.sum() == budget):
             self.done = True
             end = int(good_rows[consumed - 1]) + 1
@@ -80,6 +88,7 @@ class Assembler:
             good_rows, hashes, keep = good_rows[:consumed], hashes[:consumed], keep[:consumed]
         self.records_in += table.num_rows
         self._quarantine(table.filter(pa.array(~ok)))
+        self._quarantine_near(table, good_rows, matches)
         ids = table.column("ids").take(pa.array(good_rows))
         self.kept_hashes.append(hashes[keep])
         is_val = hashes.view(np.uint64) < self._val
@@ -90,6 +99,43 @@ class Assembler:
     def _quarantine(self, rejected: pa.Table) -> None:
         for record in rejected.select(_QUARANTINE_COLUMNS).to_pylist():
             self.quarantine.add(record)
+
+    def _near_check(self, table, good_rows, hashes, matches: dict[int, Match]):
+        """``Deduper.select``'s question for row ``i`` of the good rows; a near duplicate's
+        match is kept in ``matches``."""
+        signatures = table.column("minhash").combine_chunks().flatten().to_numpy()
+        signatures = signatures.reshape(table.num_rows, -1)
+        sources, lines = table.column("source"), table.column("line")
+
+        def is_near_duplicate(i: int) -> bool:
+            row = int(good_rows[i])
+            found = self.near.check(
+                signatures[row], int(hashes[i]), sources[row].as_py(), lines[row].as_py()
+            )
+            if found is not None:
+                matches[i] = found
+            return found is not None
+
+        return is_near_duplicate
+
+    def _quarantine_near(self, table, good_rows, matches: dict[int, Match]) -> None:
+        """Near duplicates are kept, with the document they matched, not only counted:
+        unlike an exact copy, they differ from what was kept."""
+        for i, m in sorted(matches.items()):
+            row = int(good_rows[i])
+            record = table.slice(row, 1).select(["source", "line", "offset"]).to_pylist()[0]
+            self.quarantine.add(
+                {
+                    "reason": "near_duplicate",
+                    **record,
+                    "detail": f"~{m.similarity:.2f} Jaccard with {m.source} line {m.line}",
+                    "text": None,
+                    "matched_hash": m.hash,
+                    "matched_source": m.source,
+                    "matched_line": m.line,
+                    "similarity": m.similarity,
+                }
+            )
 
     def _pack(self, split: str, ids: pa.ChunkedArray) -> None:
         flat = pc.list_flatten(ids).to_numpy(zero_copy_only=False)
@@ -109,6 +155,17 @@ class Assembler:
         self.writers["val"].add(rows)
         return {"method": "train_tail", "rows_from_train": len(rows)}
 
+    def _near_summary(self) -> dict[str, Any] | None:
+        if self.near is None:
+            return None
+        bands, rows = self.near.bands
+        return {
+            **self.cfg.near_dup.model_dump(),
+            "bands": bands,
+            "rows_per_band": rows,
+            "removed": self.near.removed,
+        }
+
     def finish(self) -> dict[str, Any]:
         val_split = self._tail_val()
         splits = {}
@@ -123,8 +180,8 @@ class Assembler:
             }
         return {
             "splits": splits,
-            "quarantine": self.quarantine.close(),
             "duplicates_removed": self.dedup.removed,
+            "near_duplicates": self._near_summary(),
             "records_in": self.records_in,
             "val_split": val_split,
         }

@@ -50,6 +50,27 @@ class CleanConfig(Section):
         return v
 
 
+class NearDupConfig(Section):
+    """MinHash LSH near-duplicate removal (Broder 1997); off unless ``threshold`` is set."""
+
+    threshold: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Estimated Jaccard similarity of word n-gram sets at or above which the "
+        "later document is quarantined (near_duplicate); None = off. 0.8 is the usual choice "
+        "(Lee et al. 2022, 'Deduplicating Training Data Makes Language Models Better').",
+    )
+    ngram: int = Field(5, ge=1, description="Words per shingle (Lee et al. 2022 use 5).")
+    num_perm: int = Field(
+        128, ge=16, le=1024, description="MinHash permutations: more = sharper threshold, slower."
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.threshold is not None
+
+
 class SpecialTokens(Section):
     pad: str = "<pad>"
     bos: str = "<bos>"
@@ -66,6 +87,34 @@ class S3Options(Section):
     anon: bool = False
 
 
+class SourceConfig(Section):
+    """One named part of a mixture: its own shards, drawn from by ``weight`` in training."""
+
+    name: str = Field(description="Folder under train/ and val/; `val/<name>/loss` in MLflow.")
+    inputs: list[str] = Field(description="Files, folders, globs, URIs, as data.inputs.")
+    weight: float = Field(1.0, gt=0, description="Relative share of training samples.")
+    max_epochs: float | None = Field(
+        None,
+        gt=0,
+        description="Passes over this source's train rows at most; then its weight is "
+        "renormalised away. None = repeated as often as its weight asks.",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not NAME_PATTERN.match(v):
+            raise ValueError("must be letters, digits, '.', '_' or '-'")
+        return v
+
+    @field_validator("inputs")
+    @classmethod
+    def _inputs(cls, v: list[str]) -> list[str]:
+        if not v or any(not s.strip() for s in v):
+            raise ValueError("must be a non-empty list of URIs")
+        return v
+
+
 class PrepareConfig(Section):
     name: str = Field(
         "python-docs",
@@ -75,6 +124,11 @@ class PrepareConfig(Section):
     inputs: list[str] = Field(
         default_factory=lambda: ["builtin://python-docs"],
         description="Files, folders, globs, s3://, hf://datasets/..., builtin://python-docs.",
+    )
+    sources: list[SourceConfig] | None = Field(
+        None,
+        description="A weighted mixture of named sources, each with its own inputs; "
+        "None = data.inputs is the one source.",
     )
     seq_len: int = Field(256, gt=0)
     vocab_size: int = Field(8192, ge=256)
@@ -92,6 +146,7 @@ class PrepareConfig(Section):
         "rest of the file is quarantined (too_large); the records before it are kept.",
     )
     dedup: bool = Field(True, description="Drop exact duplicates (after cleaning) corpus-wide.")
+    near_dup: NearDupConfig = NearDupConfig()
     max_documents: int | None = Field(
         None, gt=0, description="Keep the first N documents (stable order) after dedup."
     )
@@ -118,10 +173,42 @@ class PrepareConfig(Section):
 
     @model_validator(mode="before")
     @classmethod
-    def _default_name(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("name") is None and data.get("inputs"):
+    def _derived_inputs_and_name(cls, data: Any) -> Any:
+        """A mixture's ``inputs`` are its sources' (so a dumped config validates again);
+        ``name`` defaults to one read off the inputs."""
+        if not isinstance(data, dict):
+            return data
+        sources = data.get("sources")
+        if isinstance(sources, list):
+            listed = [u for s in sources if isinstance(s, dict) for u in s.get("inputs") or []]
+            given = data.get("inputs")
+            if given is not None and list(given) != listed:
+                raise ValueError(
+                    "config key 'data.inputs': give data.inputs or data.sources, not both"
+                )
+            if listed:
+                data = {**data, "inputs": listed}
+        if data.get("name") is None and data.get("inputs"):
             return {**data, "name": default_name(list(data["inputs"]))}
         return data
+
+    @model_validator(mode="after")
+    def _sources_named_once(self) -> PrepareConfig:
+        if self.sources is None:
+            return self
+        names = [s.name for s in self.sources]
+        if not names:
+            raise ValueError("config key 'data.sources': must list at least one source")
+        if len(set(names)) != len(names):
+            raise ValueError(f"config key 'data.sources': source names repeat ({names})")
+        return self
+
+    @property
+    def mixture(self) -> list[SourceConfig]:
+        """The sources; a config without ``sources`` is one source named after the dataset."""
+        if self.sources is not None:
+            return list(self.sources)
+        return [SourceConfig(name=self.name, inputs=self.inputs)]
 
     @field_validator("name")
     @classmethod
@@ -143,7 +230,13 @@ class PrepareConfig(Section):
 
     def fingerprint_view(self) -> dict[str, Any]:
         """The keys that decide the output bytes (see ``RUNTIME_ONLY``)."""
-        return self.model_dump(mode="json", exclude=set(RUNTIME_ONLY))
+        view = self.model_dump(mode="json", exclude=set(RUNTIME_ONLY))
+        # Unset, these change no byte: datasets built before the keys existed stay cache hits.
+        if not self.near_dup.enabled:
+            del view["near_dup"]
+        if self.sources is None:
+            del view["sources"]
+        return view
 
     def public_view(self) -> dict[str, Any]:
         """The resolved config as written to the manifest: credentials redacted, by key

@@ -8,6 +8,8 @@ for a million documents), independent of document length.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 
@@ -21,15 +23,25 @@ class Deduper:
         """Documents kept earlier (an incremental build's base): their copies are duplicates."""
         self.seen.update(hashes.tolist())
 
-    def select(self, hashes: np.ndarray, budget: int | None = None) -> tuple[np.ndarray, int]:
-        """``(keep mask, rows consumed)``; stops after ``budget`` kept documents."""
+    def select(
+        self,
+        hashes: np.ndarray,
+        budget: int | None = None,
+        is_near_duplicate: Callable[[int], bool] | None = None,
+    ) -> tuple[np.ndarray, int]:
+        """``(keep mask, rows consumed)``; stops after ``budget`` kept documents.
+
+        ``is_near_duplicate(i)`` is asked about each row that is no exact duplicate, in
+        order, so that a budget counts only the documents that are really kept."""
         keep = np.zeros(len(hashes), bool)
         kept = 0
         for i, h in enumerate(hashes.tolist()):
+            if self.enabled and h in self.seen:
+                self.removed += 1
+                continue
+            if is_near_duplicate is not None and is_near_duplicate(i):
+                continue
             if self.enabled:
-                if h in self.seen:
-                    self.removed += 1
-                    continue
                 self.seen.add(h)
             keep[i] = True
             kept += 1

@@ -56,12 +56,22 @@ class Found:
 
 def applies(cfg: PrepareConfig) -> bool:
     """``max_documents`` keeps the first N documents of the whole listing, which an
-    extension of a base cannot honour; such configs always build in full."""
-    return cfg.incremental and cfg.max_documents is None
+    extension of a base cannot honour; near-duplicate removal would need the base's
+    MinHash signatures, which are not stored; a mixture is not extended yet. Such configs
+    always build in full."""
+    simple = cfg.max_documents is None and not cfg.near_dup.enabled and cfg.sources is None
+    return cfg.incremental and simple
 
 
 def comparable(config: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in config.items() if k not in _FREE_KEYS}
+    """``near_dup`` off and ``sources`` unset are left out: builds from before those keys
+    existed stay bases."""
+    view = {k: v for k, v in config.items() if k not in _FREE_KEYS}
+    if (view.get("near_dup") or {}).get("threshold") is None:
+        view.pop("near_dup", None)
+    if view.get("sources") is None:
+        view.pop("sources", None)
+    return view
 
 
 def find(

@@ -14,7 +14,12 @@ from pipeline.config import S3Options
 from pipeline.errors import ManifestError
 from pipeline.storage import exists, join, read_bytes, remove, write_bytes_atomic
 
-FORMAT_VERSION = 1
+# 2: mixtures (``data.sources``): shards tagged with their ``source``, under
+# ``{split}/{source}/``, and a ``mixture`` list. A version-1 reader would train on a
+# mixture as one pool, ignoring its weights, hence the bump; version 1 is still read
+# (it is a dataset of one source).
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
 
@@ -49,8 +54,8 @@ def read_manifest(dataset_uri: str, s3: S3Options | None = None) -> dict[str, An
     except ValueError:
         raise ManifestError(f"{uri!r} is not valid JSON") from None
     version = manifest.get("format_version") if isinstance(manifest, dict) else None
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise ManifestError(
-            f"{uri!r}: format_version {version!r}, this code reads {FORMAT_VERSION}"
+            f"{uri!r}: format_version {version!r}, this code reads {list(READABLE_VERSIONS)}"
         )
     return manifest

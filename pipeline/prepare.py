@@ -1,9 +1,10 @@
 """``prepare``: corpus in, committed dataset out (or the one already committed).
 
-list sources -> fingerprint -> cache hit? -> base to extend? (see
+list sources (each of a mixture's) -> fingerprint -> cache hit? -> base to extend? (see
 ``pipeline.incremental``) -> tokenizer (the base's, loaded, or trained on a
 sample of the cleaned stream) -> read+clean (tasks) -> tokenize (actor pool)
--> ordered pack + write in the driver -> tokenizer.json, doc_hashes.npy ->
+(MinHash signatures too, when near-dedup is on) -> ordered pack + write in the
+driver, one source after another -> tokenizer.json, doc_hashes.npy ->
 list and verify -> manifest.json last. A run killed at any point leaves no
 manifest; the rerun has the same fingerprint and rewrites the same files,
 then commits.
@@ -22,10 +23,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline import incremental, ray_adapter
+from pipeline import incremental, mixture, ray_adapter
 from pipeline.assemble import Assembler
 from pipeline.clean import CleanStage
-from pipeline.config import PrepareConfig
+from pipeline.config import PrepareConfig, SourceConfig
 from pipeline.doc_hashes import FILE as DOC_HASHES
 from pipeline.doc_hashes import write_doc_hashes
 from pipeline.errors import StorageError
@@ -40,7 +41,9 @@ from pipeline.manifest import (
     uncommit,
     write_manifest,
 )
+from pipeline.minhash_stage import MinHashStage
 from pipeline.progress import Progress
+from pipeline.quarantine import QuarantineWriter
 from pipeline.sources import SourceFile, list_sources
 from pipeline.stage import ReadStage, Stage, file_groups, run_sequential
 from pipeline.storage import is_remote, join, list_files, remove, write_bytes_atomic
@@ -86,6 +89,8 @@ class _Plan:
 
     sources: list[SourceFile]
     identity: str
+    # The listing of each source of the mixture (one, for a config without ``data.sources``).
+    groups: list[tuple[SourceConfig, list[SourceFile]]]
     fp: str
     uri: str
     base: incremental.Found | None = None
@@ -105,20 +110,21 @@ def prepare(
     start = time.monotonic()
     # A missing input or a bad tokenizer is the user's error: say so before the lock
     # touches the storage root.
-    sources = list_sources(cfg.inputs, cfg.s3)
+    groups = [(src, list_sources(src.inputs, cfg.s3)) for src in cfg.mixture]
     identity = tokenizer_identity(cfg)
     # Two prepares of one dataset name would delete each other's files (the tidy step
     # removes what its own manifest does not list): the second waits, then is a cache hit.
     with storage_lock(datasets_uri(root, cfg) + ".lock", cfg.s3):
-        plan = _plan(cfg, root, force, sources, identity)
+        plan = _plan(cfg, root, force, groups, identity)
         if plan.committed is not None:
             return PrepareResult(plan.uri, plan.committed, True, time.monotonic() - start)
         return _build(cfg, plan, executor, progress, start)
 
 
-def _plan(cfg: PrepareConfig, root: str, force: bool, sources: list, identity: str) -> _Plan:
+def _plan(cfg: PrepareConfig, root: str, force: bool, groups: list, identity: str) -> _Plan:
+    sources = [f for _, files in groups for f in files]
     fp = fingerprint(sources, cfg, identity)
-    plan = _Plan(sources, identity, fp, dataset_uri(root, cfg, fp))
+    plan = _Plan(sources, identity, groups, fp, dataset_uri(root, cfg, fp))
     if force:
         uncommit(plan.uri, cfg.s3)
         return plan
@@ -131,9 +137,11 @@ def _plan(cfg: PrepareConfig, root: str, force: bool, sources: list, identity: s
     if found is None:
         return plan
     if found.same:
-        return _Plan(sources, identity, found.fingerprint, found.uri, committed=found.manifest)
+        return _Plan(
+            sources, identity, groups, found.fingerprint, found.uri, committed=found.manifest
+        )
     fp = fingerprint(sources, cfg, identity, found.fingerprint)
-    return _Plan(sources, identity, fp, dataset_uri(root, cfg, fp), base=found)
+    return _Plan(sources, identity, groups, fp, dataset_uri(root, cfg, fp), base=found)
 
 
 def _build(
@@ -141,20 +149,31 @@ def _build(
 ) -> PrepareResult:
     run = _runner(executor, cfg)
     base = plan.base
+    # Incremental builds are single-source (``incremental.applies``).
     todo = incremental.new_sources(base, plan.sources) if base else plan.sources
-    items = list(file_groups(todo))
+    parts = [(src, list(file_groups(todo if base else files))) for src, files in plan.groups]
+    quarantine = QuarantineWriter(plan.uri, cfg.s3)
     with Progress(progress) as bar:
-        assembler, tok = _setup(cfg, plan, items, bar)
-        stages = [ReadStage(cfg), CleanStage(cfg.clean), _tokenize_stage(cfg, tok)]
-        with closing(run(items, stages)) as tables:
-            for table in tables:
-                assembler.consume(table)
-                bar.update(assembler)
-                if assembler.done:
-                    break
-        stats = assembler.finish()
+        tok = _tokenizer_for(cfg, plan, [i for _, items in parts for i in items], bar)
+        stages = [ReadStage(cfg), CleanStage(cfg.clean)]
+        if cfg.near_dup.enabled:
+            stages.append(MinHashStage(cfg.near_dup))
+        stages.append(_tokenize_stage(cfg, tok))
+        finished, kept_hashes = [], []
+        for src, items in parts:
+            assembler = _assembler(cfg, plan, quarantine, src)
+            with closing(run(items, stages)) as tables:
+                for table in tables:
+                    assembler.consume(table)
+                    bar.update(assembler)
+                    if assembler.done:
+                        break
+            finished.append((src, assembler.finish()))
+            kept_hashes += assembler.kept_hashes
+        stats = mixture.combine(finished, tagged=cfg.sources is not None)
+        stats["quarantine"] = quarantine.close()
     write_bytes_atomic(join(plan.uri, "tokenizer.json"), tok.json.encode("utf-8"), cfg.s3)
-    kept = np.concatenate([np.empty(0, np.int64), *assembler.kept_hashes])
+    kept = np.concatenate([np.empty(0, np.int64), *kept_hashes])
     hashes = write_doc_hashes(plan.uri, kept, cfg.s3)
     seconds = time.monotonic() - start
     manifest = _manifest(cfg, plan, tok, stats, seconds, hashes)
@@ -165,17 +184,25 @@ def _build(
     return PrepareResult(plan.uri, manifest, False, seconds, stats)
 
 
-def _setup(
+def _tokenizer_for(
     cfg: PrepareConfig, plan: _Plan, items: list[dict], bar: Progress
-) -> tuple[Assembler, TokenizerBundle]:
-    """The tokenizer and the assembler: fresh, or continuing ``plan.base``."""
-    dtype = token_dtype(cfg.vocab_size)
+) -> TokenizerBundle:
+    """Fresh (trained on the first documents of the sources, in order), or ``plan.base``'s."""
     if plan.base is None:
         bar.status("training tokenizer" if not cfg.tokenizer else "loading tokenizer")
-        return Assembler(cfg, plan.uri, dtype), _tokenizer(cfg, items)
+        return _tokenizer(cfg, items)
     bar.status(f"extending dataset {plan.base.fingerprint}")
-    seen = incremental.base_hashes(plan.base, cfg) if cfg.dedup else None
-    return Assembler(cfg, plan.uri, dtype, seen), incremental.base_tokenizer(plan.base, cfg)
+    return incremental.base_tokenizer(plan.base, cfg)
+
+
+def _assembler(
+    cfg: PrepareConfig, plan: _Plan, quarantine: QuarantineWriter, src: SourceConfig
+) -> Assembler:
+    """One source's assembler: dedup within the source (and against ``plan.base``)."""
+    dtype = token_dtype(cfg.vocab_size)
+    seen = incremental.base_hashes(plan.base, cfg) if plan.base and cfg.dedup else None
+    source = src.name if cfg.sources is not None else None
+    return Assembler(cfg, plan.uri, dtype, seen, quarantine, source)
 
 
 def _runner(executor: Executor, cfg: PrepareConfig) -> Runner:
@@ -243,7 +270,9 @@ def _manifest(
         "val_split": stats["val_split"],
         "quarantine": stats["quarantine"],
         "duplicates_removed": stats["duplicates_removed"],
+        "near_duplicates": stats["near_duplicates"],
         "records_read": stats["records_in"],
+        **({"mixture": stats["mixture"]} if stats["mixture"] else {}),
         "doc_hashes": [doc_hashes],
         "sources": [s.listing_entry() for s in plan.sources],
         "config": cfg.public_view(),

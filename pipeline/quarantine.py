@@ -1,7 +1,7 @@
 """Rejected records: reason codes, and the JSONL files they are kept in.
 
 Every record the pipeline does not use (other than exact duplicates, which
-are only counted) lands here with where it came from, so nothing is lost
+are only counted; near duplicates are kept here with the document they matched) lands here with where it came from, so nothing is lost
 silently and a user can fix the source and rerun.
 """
 
@@ -22,6 +22,8 @@ REASONS = {
     "missing_field": "the text field/column is absent or null",
     "non_string_field": "the text field/column holds a non-string value",
     "empty": "nothing left after cleaning",
+    "near_duplicate": "estimated Jaccard >= data.near_dup.threshold with an earlier kept "
+    "document (matched_hash/source/line name it)",
     "too_short": "fewer characters than data.clean.min_chars",
     "too_long": "more characters than data.clean.max_chars (or an over-long line)",
     "repetitive": "too many characters in duplicated lines (data.clean.max_repeated_line_fraction)",

@@ -4,7 +4,9 @@ Only what the manifest lists is read, and every shard's sha256 is checked
 before its rows are handed out, so a corrupt or half-copied shard fails loudly
 with its name instead of training on garbage. A shard path is relative to the
 dataset folder; an incremental dataset names its base's shards as
-``../{base}/train/part-00000.parquet``.
+``../{base}/train/part-00000.parquet``. A mixture's shards carry their
+``source`` (``train/{source}/part-00000.parquet``), and ``mixture`` lists the
+sources with their weights.
 """
 
 from __future__ import annotations
@@ -60,6 +62,18 @@ class DatasetReader:
         if split not in self.manifest["splits"]:
             raise PipelineError(f"split {split!r} not in dataset {self.uri} (has {self.splits})")
         return self.manifest["splits"][split]
+
+    @property
+    def mixture(self) -> list[dict[str, Any]] | None:
+        """The sources of a mixture (name, weight, max_epochs, counts); None for one source."""
+        return self.manifest.get("mixture")
+
+    def source_shards(self, split: str) -> dict[str, list[int]]:
+        """Shard indices of each source of a mixture, in manifest order."""
+        out: dict[str, list[int]] = {m["name"]: [] for m in self.mixture or []}
+        for i, shard in enumerate(self.shards(split)):
+            out[shard["source"]].append(i)
+        return out
 
     def num_rows(self, split: str) -> int:
         return int(self._split(split)["rows"])

@@ -68,4 +68,11 @@ class TokenizeStage(Stage):
         ids = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, pa.uint32()))
         text = pc.if_else(ok, pa.scalar(None, pa.string()), batch.column("text"))
         out = batch.set_column(batch.schema.get_field_index("text"), "text", text)
-        return out.append_column("ids", ids).cast(TOKENS_SCHEMA)
+        schema = _with_extras(batch.schema)
+        return out.append_column("ids", ids).select(schema.names).cast(schema)
+
+
+def _with_extras(schema: pa.Schema) -> pa.Schema:
+    """TOKENS_SCHEMA, then the columns that earlier optional stages added (``minhash``)."""
+    extra = [f for f in schema if f.name not in TOKENS_SCHEMA.names]
+    return pa.schema([*TOKENS_SCHEMA, *extra])

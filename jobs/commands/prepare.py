@@ -94,6 +94,13 @@ def summary_lines(result: Any) -> list[str]:
             f"{split['rows']:,} rows of {m['row_len']} ({len(split['shards'])} shards), "
             f"remainder {split['remainder_tokens']:,}"
         )
+    for src in m.get("mixture") or []:
+        epochs = "unbounded" if src["max_epochs"] is None else f"at most {src['max_epochs']:g}"
+        lines.append(
+            f"  source {src['name']}: weight {src['weight']:g}, epochs {epochs}, "
+            f"{src['tokens']:,} tokens, rows train {src['rows']['train']:,} "
+            f"val {src['rows']['val']:,}"
+        )
     build = m.get("build", {})
     lines.append(
         f"  built in {build.get('seconds', 0):.1f}s, {build.get('tokens_per_s', 0):,} tokens/s"

@@ -73,6 +73,8 @@ def _data_metrics(manifest: dict[str, Any], seconds: float) -> dict[str, float]:
         **{f"data/{s}_{k}": v[k] for s, v in splits.items() for k in ("tokens", "rows")},
         "data/quarantined": manifest.get("quarantine", {}).get("total", 0),
         "data/duplicates_removed": manifest.get("duplicates_removed", 0),
+        "data/near_duplicates_removed": (manifest.get("near_duplicates") or {}).get("removed", 0),
+        **{f"data/{m['name']}/tokens": m["tokens"] for m in manifest.get("mixture") or []},
         "data/seconds": seconds,
     }
 

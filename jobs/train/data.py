@@ -18,6 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import torch
 
+from jobs.train.mixture_sampler import MixtureSampler
 from jobs.train.sampler import Sampler, micro_batch_samples
 
 _LOOKAHEAD_STEPS = 4
@@ -74,7 +75,7 @@ class TrainBatches:
     def __init__(
         self,
         reader,
-        sampler: Sampler,
+        sampler: Sampler | MixtureSampler,
         rank: int,
         world: int,
         micro_batch: int,
@@ -142,10 +143,18 @@ class TrainBatches:
 
 
 def val_batches(
-    reader, rank: int, world: int, micro_batch: int, num_batches: int
+    reader,
+    rank: int,
+    world: int,
+    micro_batch: int,
+    num_batches: int,
+    shards: list[int] | None = None,
 ) -> list[torch.Tensor]:
-    """A fixed validation set: the split's first rows in order, wrapped if it is small."""
-    shard_rows = [s["rows"] for s in reader.shards("val")]
+    """A fixed validation set: the first rows of the split (or of its ``shards``, one
+    source of a mixture) in order, wrapped if it is small."""
+    ids = np.asarray(range(len(reader.shards("val"))) if shards is None else shards, np.int64)
+    all_rows = [s["rows"] for s in reader.shards("val")]
+    shard_rows = [all_rows[i] for i in ids]
     total = sum(shard_rows)
     if total == 0:
         return []
@@ -156,6 +165,18 @@ def val_batches(
         first = (b * world + rank) * micro_batch
         rows = np.arange(first, first + micro_batch) % total
         shard = np.searchsorted(starts, rows, side="right") - 1
-        out.append(to_tensor(cache.rows(shard, rows - starts[shard]), pin=False))
+        out.append(to_tensor(cache.rows(ids[shard], rows - starts[shard]), pin=False))
     cache.close()
     return out
+
+
+def val_batches_by_source(
+    reader, rank: int, world: int, micro_batch: int, num_batches: int
+) -> dict[str, list[torch.Tensor]]:
+    """Each mixture source's own validation set (``val/<source>/loss``); {} for one source."""
+    if reader.mixture is None:
+        return {}
+    return {
+        name: val_batches(reader, rank, world, micro_batch, num_batches, ids)
+        for name, ids in reader.source_shards("val").items()
+    }

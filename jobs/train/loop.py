@@ -32,16 +32,16 @@ from jobs.train.checkpoint import (
     remove_dir,
     save_checkpoint,
 )
-from jobs.train.data import TrainBatches, val_batches
+from jobs.train.data import TrainBatches, val_batches, val_batches_by_source
 from jobs.train.distributed import all_reduce_sum, parallelize, uses_fsdp
 from jobs.train.env import WorkerEnv
 from jobs.train.generations import generate_samples
 from jobs.train.init_from import confine_checkpoint
 from jobs.train.lr_schedule import lr_at
+from jobs.train.mixture_sampler import MixtureSampler, train_sampler
 from jobs.train.monitor import DeadExpertWatch, IntervalStats
 from jobs.train.optim import build_optimizer
 from jobs.train.perf import Meter, peak_flops
-from jobs.train.sampler import Sampler
 from jobs.train.step import Trainee, held_out_loss, perplexity, train_step
 from jobs.train.upcycling import load_upcycled_weights, upcycle_source
 from moe_model import ModelConfig, MoETransformer
@@ -186,9 +186,10 @@ class Loop:
 
     def run(self) -> dict[str, Any]:
         s, cfg = self.s, self.cfg
-        sampler = Sampler(
-            [sh["rows"] for sh in s.reader.shards("train")], cfg.seed, cfg.shuffle_window_shards
-        )
+        sampler = train_sampler(s.reader, cfg.seed, cfg.shuffle_window_shards)
+        if isinstance(sampler, MixtureSampler):
+            _check_capacity(sampler, cfg.max_steps * s.global_batch)
+            _log_schedule(sampler)
         loader = TrainBatches(
             s.reader,
             sampler,
@@ -200,8 +201,11 @@ class Loop:
             self.env.device,
             cfg.prefetch_batches,
         )
-        self.val = val_batches(
-            s.reader, self.env.rank, self.env.world_size, cfg.micro_batch_size, cfg.eval_batches
+        held_out = (s.reader, self.env.rank, self.env.world_size, cfg.micro_batch_size)
+        self.val_by_source = val_batches_by_source(*held_out, cfg.eval_batches)
+        # A mixture's val/loss is over every source's set alike, not the first source's rows.
+        self.val = [b for bs in self.val_by_source.values() for b in bs] or val_batches(
+            *held_out, cfg.eval_batches
         )
         try:
             for step in range(s.state.step + 1, cfg.max_steps + 1):
@@ -212,8 +216,7 @@ class Loop:
             loader.close()
         if "val/loss" not in self.final and self.val:
             # Nothing left to train (a finished run started again): still report the model.
-            val_loss = held_out_loss(self.s.trainee, self.val)
-            self.final.update({"val/loss": val_loss, "val/perplexity": perplexity(val_loss)})
+            self.final.update(self.validate())
         self.final["check/param_rank_spread"] = self.param_rank_spread()
         if self.last_checkpoint:
             self.tracker.set_tags({"checkpoint_uri": self.last_checkpoint})
@@ -299,8 +302,7 @@ class Loop:
 
     def eval_and_samples(self, step: int) -> None:
         if self.val:
-            val_loss = held_out_loss(self.s.trainee, self.val)
-            val = {"val/loss": val_loss, "val/perplexity": perplexity(val_loss)}
+            val = self.validate()
             self.tracker.log(val, step)
             self.final.update(val)
         samples = generate_samples(self.s.trainee, self.s.reader, self.cfg, self.artifact_dir, step)
@@ -313,6 +315,15 @@ class Loop:
             self.routing_since_eval = None
             self.tracker.log_artifact(str(self.routing.table), "routing")
             self.tracker.log_artifact(str(self.routing.heatmap), "routing")
+
+    def validate(self) -> dict[str, float]:
+        """``val/loss`` and, for a mixture, ``val/<source>/loss`` of each source with val rows."""
+        val_loss = held_out_loss(self.s.trainee, self.val)
+        out = {"val/loss": val_loss, "val/perplexity": perplexity(val_loss)}
+        for name, batches in self.val_by_source.items():
+            if batches:  # the same on every rank (one manifest), so the all-reduces match
+                out[f"val/{name}/loss"] = held_out_loss(self.s.trainee, batches)
+        return out
 
     def checkpoint(self, step: int) -> None:
         # Metrics up to a checkpoint must outlive a hard kill: the steps after it are
@@ -345,3 +356,20 @@ class Loop:
 
 
 __all__ = ["run", "build", "Loop", "step_seed", "use_bf16", "all_reduce_sum"]
+
+
+def _check_capacity(sampler: MixtureSampler, samples: int) -> None:
+    """Say before the first step, not in the loader thread at step N, that data runs out."""
+    if samples > sampler.capacity:
+        raise JobError(
+            f"train.max_steps: the run needs {samples} samples, but the sources' max_epochs "
+            f"allow {int(sampler.capacity)}; raise data.sources[].max_epochs or lower "
+            "train.max_steps"
+        )
+
+
+def _log_schedule(sampler: MixtureSampler) -> None:
+    """When each source runs out (``max_epochs``) and how the rest share the samples after."""
+    for phase in sampler.schedule:
+        shares = ", ".join(f"{n} {v:.3f}" for n, v in phase["shares"].items())
+        log.info("mixture from sample %d: %s", phase["start"], shares)
