@@ -218,3 +218,65 @@ def shard_experts(
         setattr(moe, name, out[name])
     moe.dispatcher = dispatcher
     return out
+
+
+def clip_grad_norm(module: nn.Module, ep: ExpertParallel, max_norm: float) -> float:
+    """The global gradient norm with expert shards (clipped in place when ``max_norm`` > 0).
+
+    Dense gradients are whole (DDP) or DTensors (FSDP) and give their norm as usual; the expert
+    shards of one group are disjoint and every group holds the same ones after
+    ``reduce_grads``, so their squares are summed over ``ep`` only (torchtitan's EP clipping
+    does the same split)."""
+    experts = {id(p) for p in ep.params.values()}
+    dense = [p.grad for p in module.parameters() if p.grad is not None and id(p) not in experts]
+    sharded = [p.grad for p in ep.params.values() if p.grad is not None]
+    dense_norm = torch.nn.utils.get_total_norm(dense) if dense else torch.zeros(())
+    if hasattr(dense_norm, "full_tensor"):
+        dense_norm = dense_norm.full_tensor()
+    sq = torch.zeros((), dtype=torch.float64, device=dense_norm.device)
+    for g in sharded:
+        sq += g.double().square().sum()
+    dist.all_reduce(sq, group=ep.ep_group)
+    total = float((dense_norm.double() ** 2 + sq).sqrt())
+    if max_norm > 0 and total == total:
+        coef = max_norm / (total + 1e-6)
+        if coef < 1.0:
+            for g in dense + sharded:
+                g.mul_(coef)
+    return total
+
+
+@torch.no_grad()
+def full_layout(ep: ExpertParallel | None, model_sd: dict, optim_sd: dict) -> tuple[dict, dict]:
+    """State dicts whose expert entries are DTensors of the whole [E, ...] weight, so DCP
+    stores them by FQN at full shape: a checkpoint that any layout (or one process) reads."""
+    if ep is None:
+        return model_sd, optim_sd
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    def wrap(t):
+        return DTensor.from_local(t, ep.mesh, [Replicate(), Shard(0)], run_check=False)
+
+    return _map_expert_entries(ep, model_sd, optim_sd, wrap)
+
+
+def local_layout(ep: ExpertParallel | None, model_sd: dict, optim_sd: dict) -> tuple[dict, dict]:
+    """The inverse of ``full_layout``: this rank's shards of the expert entries."""
+    if ep is None:
+        return model_sd, optim_sd
+    return _map_expert_entries(ep, model_sd, optim_sd, lambda t: t.to_local())
+
+
+def _map_expert_entries(ep: ExpertParallel, model_sd: dict, optim_sd: dict, fn):
+    """Apply ``fn`` to each expert weight and to its optimizer moments (not its 0-dim step)."""
+    model_sd = {k: fn(v) if k in ep.params else v for k, v in model_sd.items()}
+    if "state" not in optim_sd:
+        return model_sd, optim_sd
+    state = dict(optim_sd["state"])
+    for fqn in ep.params:
+        if fqn in state:
+            state[fqn] = {
+                k: fn(v) if isinstance(v, torch.Tensor) and v.dim() > 0 else v
+                for k, v in state[fqn].items()
+            }
+    return model_sd, {**optim_sd, "state": state}
