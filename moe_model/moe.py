@@ -30,7 +30,7 @@ GROUPED_MM_ALIGN = 16
 class ExpertsOutput:
     y_TD: torch.Tensor  # the router-weighted sum of each token's expert outputs
     routed_E: torch.Tensor  # token-slots routed to each expert by every rank sharing the experts
-    local_routed_E: torch.Tensor  # this rank's part of routed_E (aux-loss-free balancing)
+    local_routed_E: torch.Tensor  # this rank's part of routed_E
     dropped: torch.Tensor  # token-slots the capacity limit dropped, counted as routed_E is
 
 
@@ -61,7 +61,9 @@ class MoE(nn.Module):
         routing = self.router(x_TD)
         out = (self.dispatcher or MoE.run_experts)(self, x_TD, routing)
         self.router.record_counts(out.local_routed_E)
-        aux = load_balancing_loss(routing.probs_TE, out.routed_E, self.top_k)
+        # f over this rank's own tokens, at every layout: data-parallel, accumulated and
+        # expert-parallel runs then optimise one objective. The statistics count the group's.
+        aux = load_balancing_loss(routing.probs_TE, out.local_routed_E, self.top_k)
         z = router_z_loss(routing.logits_TE)
         stats = compute_routing_stats(out.routed_E, routing.logits_TE, aux, z, out.dropped)
         return out.y_TD.view(B, T, D), stats, aux, z

@@ -72,14 +72,12 @@ class Router(nn.Module):
 def load_balancing_loss(probs_TE: torch.Tensor, routed_E: torch.Tensor, top_k: int) -> torch.Tensor:
     """Switch Transformer auxiliary loss (Fedus et al. 2021, eq. 4): E * sum_e f_e * P_e.
 
-    f_e is the fraction of the token-slots sent to expert e (no gradient), P_e the mean
-    router probability of e (carries the gradient). Normalising f by the slots (T*K) instead of
-    the tokens makes the perfectly balanced value 1 for any top_k. ``routed_E`` may count more
-    slots than these T tokens have (expert parallelism passes the whole group's): f is the
-    fraction of all of them, so it is normalised by their sum, which is T*K for one rank.
+    f_e is the fraction of the T*K token-slots sent to expert e (no gradient), P_e the mean
+    router probability of e (carries the gradient). Normalising f by T*K instead of T makes the
+    perfectly balanced value 1 for any top_k.
     """
-    E = probs_TE.shape[1]
-    f_E = routed_E.to(probs_TE.dtype) / routed_E.sum().to(probs_TE.dtype)
+    T, E = probs_TE.shape
+    f_E = routed_E.to(probs_TE.dtype) / (T * top_k)
     return E * torch.sum(f_E * probs_TE.mean(dim=0))
 
 

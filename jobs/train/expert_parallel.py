@@ -11,10 +11,12 @@ data-parallel over all W ranks; the expert weights live on a ``(dp, ep)`` mesh o
 replicated along ``dp`` (the same slice in every group), so their gradients are summed over
 ``dp`` only.
 
-The layer computes on each rank what the single-device layer computes on the concatenation of
-the group's tokens in rank order: same routing, the Switch loss and the statistics from the
-group's per-expert counts, and capacity taken in that order (earlier ranks' slots win, as
-earlier tokens do in one process; GShard's position-in-expert, Lepikhin et al. 2020, sec. 2.2).
+The layer's output on each rank is what the single-device layer computes for these tokens
+within the concatenation of the group's tokens in rank order: same routing, the statistics
+from the group's per-expert counts, and capacity per expert over the group, taken in that
+order (earlier ranks' slots win, as earlier tokens do in one process; GShard's
+position-in-expert, Lepikhin et al. 2020, sec. 2.2). The Switch loss keeps each rank's own
+fraction f (``moe_model/moe.py``), so that EP 1 and EP N optimise the same objective.
 """
 
 from __future__ import annotations
