@@ -77,7 +77,7 @@ class ExpertParallelDispatch:
     def __init__(self, group, traffic: Traffic | None = None) -> None:
         self.group = group
         self.size, self.rank = dist.get_world_size(group), dist.get_rank(group)
-        self.traffic = traffic
+        self.traffic = traffic if traffic is not None else Traffic()
 
     def __call__(self, moe: MoE, x_TD: torch.Tensor, routing: Routing) -> ExpertsOutput:
         ep, rank = self.size, self.rank
@@ -114,12 +114,13 @@ class ExpertParallelDispatch:
         return counts_RE
 
     def exchange(self, x_PD, out_splits: list[int], in_splits: list[int]) -> torch.Tensor:
-        if self.traffic is None:
-            return all_to_all(x_PD, out_splits, in_splits, self.group)
+        """Forward exchanges are counted (backward sends as many bytes again); the time
+        includes waiting for the slowest rank of the group (gloo's all-to-all blocks)."""
         start = time.perf_counter()
         out = all_to_all(x_PD, out_splits, in_splits, self.group)
         self.traffic.seconds += time.perf_counter() - start
-        self.traffic.bytes += (sum(in_splits) - in_splits[self.rank]) * x_PD[0:1].nbytes
+        row_bytes = x_PD.shape[1] * x_PD.element_size()
+        self.traffic.bytes += (sum(in_splits) - in_splits[self.rank]) * row_bytes
         return out
 
     @staticmethod
@@ -191,9 +192,7 @@ class ExpertParallel:
             g.div_(self.world)
 
 
-def apply_expert_parallel(
-    model: MoETransformer, ep: int, device: torch.device, measure: bool = False
-) -> ExpertParallel:
+def apply_expert_parallel(model: MoETransformer, ep: int, device: torch.device) -> ExpertParallel:
     """Keep this rank's experts in every layer and dispatch by all-to-all (collective)."""
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -202,7 +201,7 @@ def apply_expert_parallel(
     rank = mesh["ep"].get_local_rank()
     keep = expert_slice(rank, ep, model.config.num_experts)
     traffic = Traffic()
-    dispatcher = ExpertParallelDispatch(mesh["ep"].get_group(), traffic if measure else None)
+    dispatcher = ExpertParallelDispatch(mesh["ep"].get_group(), traffic)
     params: dict[str, nn.Parameter] = {}
     for i, block in enumerate(model.layers):
         for name, local in shard_experts(block.moe, keep, dispatcher).items():
