@@ -170,3 +170,15 @@ def test_ep2_on_four_workers_with_fsdp_matches_ep1(ep1, dataset, mlflow_server, 
         assert next(iter(values)) == pytest.approx(ep1_losses[step], rel=REL), step
     model, _, _ = load_checkpoint_model(result.checkpoint_uri)
     assert model.layers[0].moe.w13.shape[0] == model.config.num_experts
+
+
+def test_an_expert_parallel_size_that_does_not_divide_is_one_line_naming_both(dataset):
+    from jobs.settings import ConfigError
+
+    cfg = config("train.num_workers=2", "train.expert_parallel_size=4")
+    with pytest.raises(ConfigError) as e:
+        train(cfg, dataset, run_name="ep-bad", progress=False)
+    assert str(e.value) == (
+        "train.expert_parallel_size: must divide model.num_experts (4) and "
+        "train.num_workers (2), got 4"
+    )
