@@ -65,7 +65,7 @@ def all_to_all(x_PD, out_splits: list[int], in_splits: list[int], group) -> torc
 
 @dataclass
 class Traffic:
-    """Rows and bytes this rank sent by all-to-all, and the seconds it spent in them."""
+    """Bytes this rank sent to other ranks by all-to-all, and the seconds spent in them."""
 
     bytes: int = 0
     seconds: float = 0.0
@@ -114,8 +114,9 @@ class ExpertParallelDispatch:
         return counts_RE
 
     def exchange(self, x_PD, out_splits: list[int], in_splits: list[int]) -> torch.Tensor:
-        """Forward exchanges are counted (backward sends as many bytes again); the time
-        includes waiting for the slowest rank of the group (gloo's all-to-all blocks)."""
+        """Forward exchanges are counted (backward sends as many bytes again). On CPU the time
+        includes waiting for the group's slowest rank (gloo's all-to-all blocks); on CUDA it
+        is the launch only."""
         start = time.perf_counter()
         out = all_to_all(x_PD, out_splits, in_splits, self.group)
         self.traffic.seconds += time.perf_counter() - start
