@@ -8,7 +8,10 @@ measures one micro batch's forward + backward through the fused LM head +
 cross-entropy the trainer runs against materialising the [B, T, V] logits and
 calling ``F.cross_entropy`` (the trainer's path before): the memory avoided. With ``--ray`` the same loop, data and config
 also run as a 1-worker Ray Train job in this process, and the JSON gives the
-ratio of the two throughputs (Ray Train's overhead per step).
+ratio of the two throughputs (Ray Train's overhead per step). With
+``--expert-parallel N`` a Ray Train job of N workers (gloo on CPU) runs at
+``train.expert_parallel_size=N`` and at 1 (DDP): tokens/s of both, and rank 0's
+all-to-all bytes (sent to other ranks, forward) and seconds per step at EP N.
 
 Data goes through the real path: ``prepare`` packs text (tinyshakespeare when
 /work/shared/data has it, else generated words) into Parquet shards, the
@@ -16,6 +19,7 @@ trainer reads them through the sampler with background prefetch.
 
     python bench/train_throughput.py                        # CPU, debug preset
     python bench/train_throughput.py --ray                  # + Ray Train 1 worker
+    python bench/train_throughput.py --expert-parallel 2    # Ray Train, 2 workers, EP 2 vs 1
     python bench/train_throughput.py --preset small --seq-len 2048 --micro-batch 8 \\
         --precision bf16                                    # one GPU, no Ray
 """
@@ -216,6 +220,65 @@ def ray_train_fn(config: dict) -> list:
     return all_logs
 
 
+def ray_ep_fn(config: dict) -> tuple[list, dict[str, float]]:
+    """One run of the loop; rank 0's metric logs and all-to-all traffic per step."""
+    from jobs.config import RootConfig
+    from jobs.train import loop
+    from jobs.train.ray_worker import RayEnv
+    from moe_model.cpu import scratch
+
+    class NoCheckpoints(RayEnv):
+        keeps_checkpoints = False
+
+    root = RootConfig.model_validate(config["root"])
+    env, recorder = NoCheckpoints("bench"), Recorder()
+    s = loop.build(root, config["dataset"], env)
+    with scratch.scope():
+        loop.Loop(s, env, recorder).run()
+    ep = s.trainee.expert_parallel
+    if ep is None:
+        return recorder.logs, {}
+    steps = root.train.max_steps
+    return recorder.logs, {
+        "a2a_bytes_per_step": round(ep.traffic.bytes / steps),
+        "a2a_s_per_step": round(ep.traffic.seconds / steps, 5),
+    }
+
+
+def run_expert_parallel(args, dataset: str, work: Path) -> dict:
+    """N Ray workers at EP N and at EP 1 (DDP), the same global batch."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    if not ray.is_initialized():
+        ray.init(
+            address="local",
+            include_dashboard=False,
+            runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}},
+        )
+    n = args.expert_parallel
+    out = {"workers": n}
+    for ep in (n, 1):
+        root = root_config(args).model_dump(mode="json")
+        root["train"].update(num_workers=n, expert_parallel_size=ep)
+        trainer = TorchTrainer(
+            ray_ep_fn,
+            train_loop_config={"root": root, "dataset": dataset},
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=n, use_gpu=torch.cuda.is_available(),
+                resources_per_worker={"CPU": args.threads},
+            ),
+            run_config=ray.train.RunConfig(name=f"bench-ep{ep}", storage_path=str(work / "ray")),
+        )  # fmt: skip
+        logs, traffic = trainer.fit().return_value
+        out[f"ep{ep}"] = {**summarize(logs, args.warmup), **traffic}
+    out["ep_vs_ep1_tokens_per_s"] = round(
+        out[f"ep{n}"]["tokens_per_s"] / out["ep1"]["tokens_per_s"], 4
+    )
+    return out
+
+
 def run_ray(args, dataset: str, work: Path) -> dict[str, float]:
     import ray
     import ray.train
@@ -258,6 +321,10 @@ def main() -> None:
     p.add_argument("--corpus-mb", type=float, default=2.0)
     p.add_argument("--repeats", type=int, default=3, help="Runs per side; the best is reported.")
     p.add_argument("--ray", action="store_true", help="Also run Ray Train with 1 worker.")
+    p.add_argument(
+        "--expert-parallel", type=int, default=0, metavar="N",
+        help="Only Ray Train with N workers at expert_parallel_size N and at 1.",
+    )  # fmt: skip
     args = p.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -274,8 +341,12 @@ def main() -> None:
         "precision": args.precision,
         "threads": args.threads,
         "prepare_s": round(time.perf_counter() - start, 2),
-        "plain": run_plain(args, dataset),
     }
+    if args.expert_parallel:
+        out["expert_parallel"] = run_expert_parallel(args, dataset, work)
+        print(json.dumps(out, indent=2))
+        return
+    out["plain"] = run_plain(args, dataset)
     if torch.cuda.is_available():
         out["logits_memory"] = logits_memory(args)
     if args.ray:

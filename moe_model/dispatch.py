@@ -40,10 +40,14 @@ def expert_capacity(num_slots: int, num_experts: int, capacity_factor: float) ->
 def plan_dispatch(
     experts_TK: torch.Tensor,
     num_experts: int,
-    capacity: int | None = None,
+    capacity: int | torch.Tensor | None = None,
     align: int = 1,
 ) -> DispatchPlan:
-    """Sort token-slots by expert (stable, so earlier tokens win capacity, as in Switch)."""
+    """Sort token-slots by expert (stable, so earlier tokens win capacity, as in Switch).
+
+    ``capacity`` is one limit for every expert or a [E] tensor of limits: under expert
+    parallelism the slots that earlier ranks sent to an expert use up part of its capacity.
+    """
     T, K = experts_TK.shape
     N, E, device = T * K, num_experts, experts_TK.device
     experts_N = experts_TK.reshape(-1)
@@ -65,7 +69,8 @@ def plan_dispatch(
     else:
         num_rows = N + E * (align - 1)
     if capacity is not None:
-        keep_sorted_N = pos_N < capacity
+        limit = capacity if isinstance(capacity, int) else capacity[sorted_experts_N]
+        keep_sorted_N = pos_N < limit
         dropped = N - keep_sorted_N.sum()
         row_sorted_N = torch.where(keep_sorted_N, row_sorted_N, num_rows)
         keep_N = torch.empty_like(keep_sorted_N).index_copy_(0, order_N, keep_sorted_N)

@@ -47,6 +47,7 @@ from jobs.train.dcp_io import (
     split_tensors,
     write_json,
 )
+from jobs.train.expert_parallel import ExpertParallel, full_layout, local_layout
 from moe_model import ModelConfig, MoETransformer
 
 # 2: the optimizer's non-tensor state moved from DCP byte entries to optim_state.json.
@@ -104,11 +105,14 @@ def save_checkpoint(
     state: TrainerState,
     model_cfg: ModelConfig,
     rank: int,
+    expert_parallel: ExpertParallel | None = None,
 ) -> None:
-    """Collective under a process group: every rank calls it with its own local ``path``."""
+    """Collective under a process group: every rank calls it with its own local ``path``.
+
+    Expert shards are stored as the whole [E, ...] tensors they are part of (``full_layout``)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = full_layout(expert_parallel, *get_state_dict(model, optimizer))
     optim_tensors, optim_rest = split_tensors(optim_sd)
     with single_process_ok():
         dcp.save({"model": model_sd, "optim": optim_tensors}, checkpoint_id=str(path / DCP_DIR))
@@ -119,11 +123,14 @@ def save_checkpoint(
 
 
 def load_training_checkpoint(
-    path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer
+    path: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    expert_parallel: ExpertParallel | None = None,
 ) -> TrainerState:
     """Restore model and optimizer in place (collective); returns the trainer state."""
     path = Path(path)
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = full_layout(expert_parallel, *get_state_dict(model, optimizer))
     if (path / OPTIM_STATE_FILE).is_file():
         optim_tensors, _ = split_tensors(optim_sd)
         both = {"model": model_sd, "optim": optim_tensors}
@@ -132,11 +139,17 @@ def load_training_checkpoint(
     else:  # format 1: param_groups are DCP byte entries, decoded with weights_only=True
         both = {"model": model_sd, "optim": optim_sd}
         _dcp_load(both, path)
+    both["model"], both["optim"] = local_layout(expert_parallel, both["model"], both["optim"])
     set_state_dict(model, optimizer, model_state_dict=both["model"], optim_state_dict=both["optim"])
     return read_state(path)
 
 
-def load_model_weights(uri: str, model: nn.Module, model_cfg: ModelConfig) -> None:
+def load_model_weights(
+    uri: str,
+    model: nn.Module,
+    model_cfg: ModelConfig,
+    expert_parallel: ExpertParallel | None = None,
+) -> None:
     """Start from another run's weights (not its optimizer or data position): ``init_from``."""
     path, temporary = local_copy(uri)
     try:
@@ -146,10 +159,10 @@ def load_model_weights(uri: str, model: nn.Module, model_cfg: ModelConfig) -> No
         if saved != model_cfg.to_dict():
             change = describe_model_change(saved, model_cfg)
             raise JobError(f"init_from {uri}: model config differs ({change})")
-        model_sd = get_model_state_dict(model)
+        model_sd, _ = full_layout(expert_parallel, get_model_state_dict(model), {})
         sd = {"model": model_sd}
         _dcp_load(sd, path)
-        set_model_state_dict(model, sd["model"])
+        set_model_state_dict(model, local_layout(expert_parallel, sd["model"], {})[0])
     finally:
         if temporary:
             shutil.rmtree(path, ignore_errors=True)

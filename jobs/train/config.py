@@ -52,6 +52,12 @@ class TrainConfig(Section):
     max_failures: int = Field(0, ge=-1, description="Worker-group restarts allowed; -1 = forever.")
 
     strategy: Literal["ddp", "fsdp"] = "ddp"
+    expert_parallel_size: int = Field(
+        1,
+        ge=1,
+        description="Workers that split each layer's experts among them (all-to-all dispatch); "
+        "must divide model.num_experts and train.num_workers.",
+    )
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto = bf16 compute (fp32 master weights) on GPU, fp32 on CPU."
     )
@@ -92,6 +98,20 @@ class TrainConfig(Section):
                 f"num_workers ({per_micro}), got {self.global_batch_tokens}"
             )
         return self.global_batch_tokens // per_micro
+
+    def check_expert_parallel(self, num_experts: int, world_size: int) -> None:
+        """Each EP group of ``expert_parallel_size`` workers owns whole experts of every layer."""
+        ep = self.expert_parallel_size
+        if num_experts % ep or world_size % ep:
+            raise ConfigError(
+                f"train.expert_parallel_size: must divide model.num_experts ({num_experts}) and "
+                f"train.num_workers ({world_size}), got {ep}"
+            )
+        if ep > 1 and self.compile:
+            raise ConfigError(
+                "train.compile: not supported with train.expert_parallel_size > 1 "
+                f"(got {ep}); the all-to-all dispatch runs eagerly"
+            )
 
     def global_batch_size(self, seq_len: int, world_size: int) -> int:
         """Sequences per optimizer step across all workers."""

@@ -59,14 +59,21 @@ def ensure_process_group(device: torch.device) -> None:
     dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 
 
-def apply_fsdp(model: MoETransformer, device: torch.device, shard: bool, bf16: bool) -> nn.Module:
+def apply_fsdp(
+    model: MoETransformer,
+    device: torch.device,
+    shard: bool,
+    bf16: bool,
+    ignored: set[nn.Parameter] | None = None,
+) -> nn.Module:
     """FSDP2 ``fully_shard`` per block, then the root (embeddings, final norm, head).
 
     ``shard=False`` keeps full replicas (a replicate x shard mesh with shard size
     1: DDP's semantics) and is how bf16 runs under strategy ``ddp``: FSDP2's
     mixed-precision policy computes in bf16 from fp32 master weights and reduces
     gradients in fp32 (torchtitan's default), and unlike autocast it makes the
-    activations bf16, which the MoE's grouped GEMM needs.
+    activations bf16, which the MoE's grouped GEMM needs. ``ignored`` parameters (expert
+    parallelism's expert shards, reduced over their own mesh) are left alone.
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -78,7 +85,7 @@ def apply_fsdp(model: MoETransformer, device: torch.device, shard: bool, bf16: b
     else:
         mesh = init_device_mesh(device.type, (n, 1), mesh_dim_names=("replicate", "shard"))
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    kwargs = {"mesh": mesh, **({"mp_policy": mp} if bf16 else {})}
+    kwargs = {"mesh": mesh, "ignored_params": ignored, **({"mp_policy": mp} if bf16 else {})}
     for i, block in enumerate(model.layers):
         # The last block's parameters are needed again at once by backward.
         fully_shard(block, reshard_after_forward=shard and i < len(model.layers) - 1, **kwargs)
@@ -93,16 +100,27 @@ def parallelize(
     bf16: bool,
     activation_checkpointing: bool = False,
     compile: bool = False,
+    expert_params: dict[str, nn.Parameter] | None = None,
 ) -> nn.Module:
-    """The module to train: the model itself, DDP around it, or FSDP2 applied to it."""
+    """The module to train: the model itself, DDP around it, or FSDP2 applied to it.
+
+    ``expert_params`` (FQN -> parameter, from ``expert_parallel.apply_expert_parallel``) hold
+    different experts on different ranks: neither DDP nor FSDP may average them over all ranks.
+    """
     if activation_checkpointing:
         apply_activation_checkpointing(model)
     if compile:
         apply_compile(model)
+    expert_params = expert_params or {}
     if strategy == "fsdp" or bf16:
-        return apply_fsdp(model, device, shard=strategy == "fsdp", bf16=bf16)
+        ignored = set(expert_params.values()) or None
+        return apply_fsdp(model, device, shard=strategy == "fsdp", bf16=bf16, ignored=ignored)
     if world_size() == 1:
         return model
+    if expert_params:
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            model, list(expert_params)
+        )
     # Router bias buffers are kept equal by update_router_biases(all_reduce) and the
     # RoPE tables are constants, so syncing buffers before every forward is pure overhead.
     device_ids = [device.index] if device.type == "cuda" else None

@@ -70,6 +70,7 @@ def train(
 
     _check_fits(reader, model_cfg)
     cfg.train.grad_accum(reader.seq_len, cfg.train.num_workers)
+    cfg.train.check_expert_parallel(model_cfg.num_experts, cfg.train.num_workers)
     run_name = run_name or default_run_name(reader.manifest.get("name", "dataset"))
     runs = runs_uri(cfg.storage.root)
     run_uri = safe_join(runs, run_name)

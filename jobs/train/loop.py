@@ -35,6 +35,7 @@ from jobs.train.checkpoint import (
 from jobs.train.data import TrainBatches, val_batches, val_batches_by_source
 from jobs.train.distributed import all_reduce_sum, parallelize, uses_fsdp
 from jobs.train.env import WorkerEnv
+from jobs.train.expert_parallel import apply_expert_parallel
 from jobs.train.generations import generate_samples
 from jobs.train.init_from import confine_checkpoint
 from jobs.train.lr_schedule import lr_at
@@ -84,11 +85,24 @@ def build(
     # Every rank draws the same weights (same seed, same device type), as FSDP needs.
     with env.device:
         raw = MoETransformer(model_cfg)
+    cfg.check_expert_parallel(model_cfg.num_experts, env.world_size)
+    ep = None
+    if cfg.expert_parallel_size > 1:
+        if upcycle_source(init_from) is not None:
+            raise JobError("train.expert_parallel_size: upcycling a dense model needs 1")
+        # Every rank built all experts from the same seed, so its slice is the EP 1 init.
+        ep = apply_expert_parallel(raw, cfg.expert_parallel_size, env.device)
     module = parallelize(
-        raw, cfg.strategy, env.device, bf16, cfg.activation_checkpointing, cfg.compile
+        raw,
+        cfg.strategy,
+        env.device,
+        bf16,
+        cfg.activation_checkpointing,
+        cfg.compile,
+        expert_params=ep.params if ep else None,
     )
-    optimizer = build_optimizer(module, cfg)
-    trainee = Trainee(raw, module, optimizer, env.device, bf16)
+    optimizer = build_optimizer(module, cfg, mixed=ep is not None and uses_fsdp(module))
+    trainee = Trainee(raw, module, optimizer, env.device, bf16, ep)
     accum = cfg.grad_accum(reader.seq_len, env.world_size)
     global_batch = cfg.global_batch_size(reader.seq_len, env.world_size)
     state = TrainerState(
@@ -102,7 +116,7 @@ def build(
     with env.restore_dir() as path:
         if path is not None:
             check_resume(read_state(path), reader.fingerprint, model_cfg, path, seed=cfg.seed)
-            state = load_training_checkpoint(path, module, optimizer)
+            state = load_training_checkpoint(path, module, optimizer, ep)
             state.world_size, state.global_batch_size = env.world_size, global_batch
             log.info("resumed from %s at step %d", path, state.step)
         elif upcycle_source(init_from) is not None:
@@ -111,7 +125,8 @@ def build(
             )
             load_upcycled_weights(dense, module, model_cfg, cfg.seed)
         elif init_from:
-            load_model_weights(confine_checkpoint(root.storage.root, init_from), module, model_cfg)
+            uri = confine_checkpoint(root.storage.root, init_from)
+            load_model_weights(uri, module, model_cfg, ep)
     return Setup(root, reader, model_cfg, trainee, state, accum, global_batch)
 
 
@@ -335,7 +350,13 @@ class Loop:
         try:
             t = self.s.trainee
             save_checkpoint(
-                local, t.module, t.optimizer, self.s.state, self.s.model_cfg, self.env.rank
+                local,
+                t.module,
+                t.optimizer,
+                self.s.state,
+                self.s.model_cfg,
+                self.env.rank,
+                t.expert_parallel,
             )
             self.last_checkpoint = self.env.save(local, step, dict(self.final))
         finally:
@@ -345,8 +366,17 @@ class Loop:
         """max - min over ranks of a parameter checksum: 0 when all replicas agree."""
         if uses_fsdp(self.s.trainee.module):
             return math.nan
+        ep = self.s.trainee.expert_parallel
+        experts = {id(p) for p in ep.params.values()} if ep else set()
         with torch.no_grad():
-            total = sum(p.detach().double().sum() for p in self.s.trainee.raw.parameters())
+            params = list(self.s.trainee.raw.parameters())
+            zero = torch.zeros((), dtype=torch.float64, device=self.env.device)
+            total = sum((p.double().sum() for p in params if id(p) not in experts), zero)
+            if ep is not None:
+                # A group's shards differ by design; their sum must agree across groups.
+                shards = sum((p.double().sum() for p in ep.params.values()), zero)
+                torch.distributed.all_reduce(shards, group=ep.ep_group)
+                total = total + shards
             both = torch.stack([total, -total]).to(self.env.device)
             if self.env.world_size > 1:
                 import torch.distributed as dist

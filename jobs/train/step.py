@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from jobs.train.distributed import all_reduce_sum, grad_sync, world_size
+from jobs.train.expert_parallel import ExpertParallel, clip_grad_norm
 from jobs.train.optim import set_lr
 from moe_model import MoETransformer
 
@@ -47,6 +48,7 @@ class Trainee:
     optimizer: torch.optim.Optimizer
     device: torch.device
     bf16: bool
+    expert_parallel: ExpertParallel | None = None
 
 
 def forward_loss(
@@ -74,7 +76,14 @@ def train_step(
         _accumulate(stats, loss, ce, aux, z, routing, L, E)
     all_reduce_sum(stats)
     world = world_size()
-    grad_norm = _clip(tr.module, grad_clip)
+    ep = tr.expert_parallel
+    if ep is not None:
+        ep.reduce_grads()
+        # Each rank of an EP group reports the whole group's expert counts.
+        stats[5 : 5 + L * E] /= ep.size
+    grad_norm = (
+        _clip(tr.module, grad_clip) if ep is None else clip_grad_norm(tr.module, ep, grad_clip)
+    )
     skipped = bool(stats[4].item() > 0) or not math.isfinite(grad_norm)
     if skipped:
         tr.optimizer.zero_grad(set_to_none=True)

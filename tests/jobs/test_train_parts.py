@@ -42,6 +42,18 @@ def test_grad_accum_is_derived_from_global_batch_tokens():
         cfg.grad_accum(seq_len=32, world_size=3)
 
 
+def test_expert_parallel_size_must_divide_experts_and_workers():
+    TrainConfig(expert_parallel_size=4).check_expert_parallel(num_experts=8, world_size=8)
+    with pytest.raises(ConfigError) as e:
+        TrainConfig(expert_parallel_size=3).check_expert_parallel(num_experts=8, world_size=6)
+    assert str(e.value) == (
+        "train.expert_parallel_size: must divide model.num_experts (8) and "
+        "train.num_workers (6), got 3"
+    )
+    with pytest.raises(ConfigError, match="train.num_workers \\(3\\), got 2"):
+        TrainConfig(expert_parallel_size=2).check_expert_parallel(num_experts=8, world_size=3)
+
+
 def test_sampler_is_a_pure_function_of_seed_epoch_and_index():
     shard_rows = [5, 7, 3, 9]
     a, b = Sampler(shard_rows, seed=1, window=2), Sampler(shard_rows, seed=1, window=2)
