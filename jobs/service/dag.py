@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from jobs.errors import JobError
-from jobs.service.cache import STAGES, StageCache
 from jobs.service.lineage import git_commit, run_config_hash
-from jobs.service.model_stages import evaluate_stage, register_stage
-from jobs.service.stages import Context, StageOutcome, join_job_cluster, prepare_stage, train_stage
+from jobs.service.steps.base import Context, StageOutcome, join_job_cluster
+from jobs.service.steps.cache import STAGES, StageCache
+from jobs.service.steps.data import prepare_stage, train_stage
+from jobs.service.steps.model import evaluate_stage, register_stage
 from jobs.service.submit import SUBMISSION_ENV
 from jobs.service.tracking import PIPELINE_TAG, SUBMISSION_TAG, Runs
 

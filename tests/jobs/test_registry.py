@@ -18,12 +18,12 @@ import torch
 from mlflow import MlflowClient
 
 from jobs.config import RootConfig
-from jobs.service.cache import StageCache
 from jobs.service.evaluate import evaluate_model, loss_on
 from jobs.service.lineage import dataset_lineage
-from jobs.service.model_stages import eval_sets, register_stage
 from jobs.service.registry import CANDIDATE, CHAMPION
-from jobs.service.stages import Context, StageOutcome
+from jobs.service.steps.base import Context, StageOutcome
+from jobs.service.steps.cache import StageCache
+from jobs.service.steps.model import eval_sets, register_stage
 from jobs.service.tracking import Runs
 from jobs.settings import build
 from moe_model import MoETransformer

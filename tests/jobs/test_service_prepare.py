@@ -8,8 +8,9 @@ import uuid
 import pytest
 
 from jobs.config import RootConfig
-from jobs.service.cache import StageCache
-from jobs.service.stages import Context, prepare_stage
+from jobs.service.steps.base import Context
+from jobs.service.steps.cache import StageCache
+from jobs.service.steps.data import prepare_stage
 from jobs.service.tracking import CACHE_HIT_TAG, Runs
 from jobs.settings import build
 from tests.pipeline.conftest import document, write_jsonl

@@ -1,56 +1,16 @@
-"""The data and training stages of the DAG, each skipped when its committed output exists.
-
-Each stage returns a ``StageOutcome`` naming what it produced, which is what
-the next stage's fingerprint hashes: a forced rerun upstream gives new
-outputs, so everything downstream reruns too.
-"""
+"""The data and training steps of the DAG, each skipped when its committed output exists."""
 
 from __future__ import annotations
 
-import os
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 from jobs.errors import JobError
-from jobs.service.cache import StageCache
 from jobs.service.lineage import dataset_lineage, stable_hash
-from jobs.service.tracking import CACHE_HIT_TAG, Runs
+from jobs.service.steps.base import Context, StageOutcome
+from jobs.service.tracking import CACHE_HIT_TAG
 from jobs.train.init_from import confine_checkpoint
 from pipeline.locks import storage_lock
-
-
-@dataclass
-class Context:
-    cfg: Any  # RootConfig
-    runs: Runs
-    cache: StageCache
-    parent_run_id: str | None = None
-    force: frozenset[str] = frozenset()
-    lineage: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass
-class StageOutcome:
-    name: str
-    cache_hit: bool
-    fingerprint: str
-    run_id: str | None
-    outputs: dict[str, Any]
-
-
-def join_job_cluster() -> None:
-    """Inside a Ray job (``RAY_ADDRESS`` set), join that cluster before any stage runs.
-
-    Elsewhere nothing starts here: the stages that need Ray (a prepare or a
-    training that is not cached) start a local one, never ``address="auto"``,
-    so a cluster some ``ray start`` left on this machine never gets work by
-    accident, and a fully cached rerun starts no Ray at all.
-    """
-    import ray
-
-    if os.environ.get("RAY_ADDRESS") and not ray.is_initialized():
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
 
 
 def prepare_stage(ctx: Context) -> StageOutcome:

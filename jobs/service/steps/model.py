@@ -16,7 +16,7 @@ from jobs.service.evaluate import (
     write_report,
 )
 from jobs.service.lineage import stable_hash
-from jobs.service.stages import Context, StageOutcome
+from jobs.service.steps.base import Context, StageOutcome
 from jobs.service.tracking import CACHE_HIT_TAG
 from pipeline.locks import storage_lock
 from pipeline.storage import join

@@ -5,11 +5,11 @@ from __future__ import annotations
 import hashlib
 
 from jobs.errors import JobError
-from jobs.service.cache import StageCache
 from jobs.service.evaluate import EvalResult, evaluate_model
 from jobs.service.lineage import dataset_lineage, git_commit, run_config_hash
-from jobs.service.model_stages import eval_sets, evaluate_stage, log_eval, register_stage
-from jobs.service.stages import Context, StageOutcome, join_job_cluster
+from jobs.service.steps.base import Context, StageOutcome, join_job_cluster
+from jobs.service.steps.cache import StageCache
+from jobs.service.steps.model import eval_sets, evaluate_stage, log_eval, register_stage
 from jobs.service.tracking import Runs
 from jobs.train.init_from import confine_checkpoint
 
