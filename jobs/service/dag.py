@@ -1,9 +1,9 @@
 """``run_pipeline``: prepare -> train -> evaluate -> register as one tracked, cached run.
 
-One MLflow parent run per pipeline run and one nested run per stage (training
-opens its own under the same parent). A stage whose committed output exists
+One MLflow parent run per pipeline run and one nested run per step (training
+opens its own under the same parent). A step whose committed output exists
 is skipped and its run tagged ``moe.cache_hit=true``, so rerunning an
-unchanged config does no work; ``force`` names stages to redo anyway.
+unchanged config does no work; ``force`` names steps to redo anyway.
 Lineage (dataset fingerprint and manifest, tokenizer hash, checkpoint, config
 hash, git commit) is tagged on the parent run and on the model version.
 """
@@ -16,11 +16,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from jobs.errors import JobError
+from jobs.service import steps
 from jobs.service.lineage import git_commit, run_config_hash
-from jobs.service.steps.base import Context, StageOutcome, join_job_cluster
-from jobs.service.steps.cache import STAGES, StageCache
-from jobs.service.steps.data import prepare_stage, train_stage
-from jobs.service.steps.model import evaluate_stage, register_stage
+from jobs.service.steps.base import Context, StepOutcome, join_job_cluster
+from jobs.service.steps.cache import STEPS, StepCache
 from jobs.service.submit import SUBMISSION_ENV
 from jobs.service.tracking import PIPELINE_TAG, SUBMISSION_TAG, Runs
 
@@ -36,24 +35,24 @@ class PipelineResult:
     train_run_id: str | None
     metrics: dict[str, float]
     samples: list[dict[str, str]]
-    stages: list[StageOutcome] = field(default_factory=list)
+    steps: list[StepOutcome] = field(default_factory=list)
 
     @property
     def cache_hits(self) -> dict[str, bool]:
-        return {s.name: s.cache_hit for s in self.stages}
+        return {s.name: s.cache_hit for s in self.steps}
 
 
 def check_force(force: Iterable[str]) -> frozenset[str]:
     force = frozenset(force)
-    unknown = sorted(force - set(STAGES))
+    unknown = sorted(force - set(STEPS))
     if unknown:
-        raise JobError(f"--force {unknown[0]}: expected one of {', '.join(STAGES)}")
+        raise JobError(f"--force {unknown[0]}: expected one of {', '.join(STEPS)}")
     return force
 
 
 def run_pipeline(cfg, force: Iterable[str] = (), run_name: str | None = None) -> PipelineResult:
     ctx = Context(
-        cfg, Runs(cfg), StageCache(cfg.storage.root, cfg.data.s3), force=check_force(force)
+        cfg, Runs(cfg), StepCache(cfg.storage.root, cfg.data.s3), force=check_force(force)
     )
     ctx.lineage = {"lineage.config_hash": run_config_hash(cfg), "lineage.git_commit": git_commit()}
     join_job_cluster()
@@ -64,7 +63,7 @@ def run_pipeline(cfg, force: Iterable[str] = (), run_name: str | None = None) ->
         run_name or f"pipeline-{ctx.lineage['lineage.config_hash'][:8]}", tags
     )
     try:
-        result = _stages(ctx)
+        result = _run_steps(ctx)
     except BaseException:
         ctx.runs.end(ctx.parent_run_id, ok=False)
         raise
@@ -72,15 +71,15 @@ def run_pipeline(cfg, force: Iterable[str] = (), run_name: str | None = None) ->
     return result
 
 
-def _stages(ctx: Context) -> PipelineResult:
+def _run_steps(ctx: Context) -> PipelineResult:
     runs, parent = ctx.runs, ctx.parent_run_id
     runs.log_params(parent, ctx.cfg.model_dump(mode="json"))
     runs.log_json(parent, "config.json", ctx.cfg.model_dump(mode="json"))
-    data = prepare_stage(ctx)
-    trained = train_stage(ctx, data)
+    data = steps.prepare(ctx)
+    trained = steps.train(ctx, data)
     ctx.lineage["lineage.checkpoint_uri"] = trained.outputs["checkpoint_uri"]
-    evaluated = evaluate_stage(ctx, data, trained)
-    registered = register_stage(ctx, data, evaluated)
+    evaluated = steps.evaluate(ctx, data, trained)
+    registered = steps.register(ctx, data, evaluated)
     out = registered.outputs
     model_uri = f"models:/{out['name']}/{out['version']}"
     runs.set_tags(
@@ -107,7 +106,7 @@ def _stages(ctx: Context) -> PipelineResult:
         train_run_id=trained.run_id,
         metrics=metrics,
         samples=evaluated.outputs.get("samples", []),
-        stages=[data, trained, evaluated, registered],
+        steps=[data, trained, evaluated, registered],
     )
 
 

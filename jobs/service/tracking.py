@@ -1,4 +1,4 @@
-"""MLflow runs of a pipeline: one parent run, one nested run per stage.
+"""MLflow runs of a pipeline: one parent run, one nested run per step.
 
 Runs are made with ``MlflowClient`` (explicit run ids, no fluent "active run"),
 so the training driver, which opens its own nested run under the same parent
@@ -20,7 +20,9 @@ from pipeline.redaction import redact
 
 PIPELINE_TAG = "moe.pipeline"
 SUBMISSION_TAG = "moe.submission_id"
-STAGE_TAG = "moe.stage"
+# The tag still says "stage", its name before the DAG's steps were called steps: runs
+# already stored, and searches for them, keep matching.
+STEP_TAG = "moe.stage"
 CACHE_HIT_TAG = "moe.cache_hit"
 _MAX_PARAM_LEN = 6000
 
@@ -64,8 +66,8 @@ class Runs:
         self.client.set_terminated(run_id, "FINISHED" if ok else "FAILED")
 
     @contextmanager
-    def stage(self, name: str, parent_run_id: str | None, tags: dict[str, Any] | None = None):
-        run_id = self.start(name, {STAGE_TAG: name, **(tags or {})}, parent_run_id)
+    def step(self, name: str, parent_run_id: str | None, tags: dict[str, Any] | None = None):
+        run_id = self.start(name, {STEP_TAG: name, **(tags or {})}, parent_run_id)
         try:
             yield run_id
         except BaseException:

@@ -236,7 +236,7 @@ def test_champion_tag_cannot_point_outside_the_storage_root(world, tmp_path, mlf
 
     from jobs.service.registry import CHAMPION, ensure_registered_model
     from jobs.service.steps.base import Context
-    from jobs.service.steps.cache import StageCache
+    from jobs.service.steps.cache import StepCache
     from jobs.service.steps.data import resolve_init
     from jobs.service.tracking import Runs
 
@@ -252,7 +252,7 @@ def test_champion_tag_cannot_point_outside_the_storage_root(world, tmp_path, mlf
         tags={"lineage.checkpoint_uri": str(outside)},
     )  # fmt: skip
     runs.client.set_registered_model_alias(name, CHAMPION, mv.version)
-    ctx = Context(cfg, runs, StageCache(str(root)))
+    ctx = Context(cfg, runs, StepCache(str(root)))
     with pytest.raises(PathEscapeError, match="lineage.checkpoint_uri.*outside the storage root"):
         resolve_init(ctx, DatasetReader(dataset).manifest)
 
