@@ -21,7 +21,8 @@ from jobs.service.lineage import git_commit, run_config_hash
 from jobs.service.steps.base import Context, StepOutcome, join_job_cluster
 from jobs.service.steps.cache import STEPS, StepCache
 from jobs.service.submit import SUBMISSION_ENV
-from jobs.service.tracking import PIPELINE_TAG, SUBMISSION_TAG, Runs
+from jobs.service.tracking import PIPELINE_TAG, SUBMISSION_TAG, Runs, log_json
+from jobs.tracking import Tracker
 
 
 @dataclass
@@ -59,22 +60,20 @@ def run_pipeline(cfg, force: Iterable[str] = (), run_name: str | None = None) ->
     tags = {PIPELINE_TAG: "true", **ctx.lineage}
     if os.environ.get(SUBMISSION_ENV):
         tags[SUBMISSION_TAG] = os.environ[SUBMISSION_ENV]
-    ctx.parent_run_id = ctx.runs.start(
-        run_name or f"pipeline-{ctx.lineage['lineage.config_hash'][:8]}", tags
-    )
+    parent = ctx.runs.start(run_name or f"pipeline-{ctx.lineage['lineage.config_hash'][:8]}", tags)
+    ctx.parent_run_id = parent.run_id
     try:
-        result = _run_steps(ctx)
+        result = _run_steps(ctx, parent)
     except BaseException:
-        ctx.runs.end(ctx.parent_run_id, ok=False)
+        parent.close("FAILED")
         raise
-    ctx.runs.end(ctx.parent_run_id)
+    parent.close()
     return result
 
 
-def _run_steps(ctx: Context) -> PipelineResult:
-    runs, parent = ctx.runs, ctx.parent_run_id
-    runs.log_params(parent, ctx.cfg.model_dump(mode="json"))
-    runs.log_json(parent, "config.json", ctx.cfg.model_dump(mode="json"))
+def _run_steps(ctx: Context, parent: Tracker) -> PipelineResult:
+    parent.log_params(ctx.cfg.model_dump(mode="json"))
+    log_json(parent, "config.json", ctx.cfg.model_dump(mode="json"))
     data = steps.prepare(ctx)
     trained = steps.train(ctx, data)
     ctx.lineage["lineage.checkpoint_uri"] = trained.outputs["checkpoint_uri"]
@@ -82,8 +81,7 @@ def _run_steps(ctx: Context) -> PipelineResult:
     registered = steps.register(ctx, data, evaluated)
     out = registered.outputs
     model_uri = f"models:/{out['name']}/{out['version']}"
-    runs.set_tags(
-        parent,
+    parent.set_tags(
         {
             **ctx.lineage,
             "moe.model_uri": model_uri,
@@ -95,12 +93,12 @@ def _run_steps(ctx: Context) -> PipelineResult:
         },
     )
     metrics = {**trained.outputs["metrics"], **evaluated.outputs["metrics"]}
-    runs.log_metrics(parent, {k: v for k, v in metrics.items() if _is_number(v)})
+    parent.log({k: v for k, v in metrics.items() if _is_number(v)}, step=0)
     return PipelineResult(
         model_uri=model_uri,
         model_version=out["version"],
         became_champion=out["became_champion"] == "true",
-        parent_run_id=parent,
+        parent_run_id=parent.run_id,
         dataset_uri=data.outputs["dataset_uri"],
         checkpoint_uri=trained.outputs["checkpoint_uri"],
         train_run_id=trained.run_id,

@@ -19,8 +19,10 @@ from pipeline.redaction import redact_uri
 log = logging.getLogger(__name__)
 
 RUN_KEY_TAG = "moe.run_key"
+# MLflow's limits: items per log_batch, characters per param value.
 _MAX_METRICS_PER_BATCH = 1000
-_MAX_PARAMS_PER_BATCH = 100
+MAX_PARAMS_PER_BATCH = 100
+MAX_PARAM_LEN = 6000
 _MAX_BACKOFF_S = 60.0
 
 
@@ -175,8 +177,8 @@ class MlflowRun:
 
         known = self._client.get_run(self.run_id).data.params if self.resumed else {}
         fresh = [Param(k, v) for k, v in params.items() if k not in known]
-        for i in range(0, len(fresh), _MAX_PARAMS_PER_BATCH):
-            self._client.log_batch(self.run_id, params=fresh[i : i + _MAX_PARAMS_PER_BATCH])
+        for i in range(0, len(fresh), MAX_PARAMS_PER_BATCH):
+            self._client.log_batch(self.run_id, params=fresh[i : i + MAX_PARAMS_PER_BATCH])
 
     def _write_tags(self, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag

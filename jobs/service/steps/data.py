@@ -17,14 +17,14 @@ def prepare(ctx: Context) -> StepOutcome:
     from pipeline.prepare import prepare as prepare_dataset
 
     cfg = ctx.cfg
-    with ctx.runs.step("prepare", ctx.parent_run_id) as run_id:
+    with ctx.runs.step("prepare", ctx.parent_run_id) as run:
         result = prepare_dataset(cfg.data, cfg.storage.root, force="prepare" in ctx.force)
         manifest = result.manifest
         ctx.lineage.update(dataset_lineage(manifest, result.uri))
-        ctx.runs.set_tags(run_id, {CACHE_HIT_TAG: str(result.cache_hit).lower(), **ctx.lineage})
-        ctx.runs.log_metrics(run_id, _data_metrics(manifest, result.seconds))
+        run.set_tags({CACHE_HIT_TAG: str(result.cache_hit).lower(), **ctx.lineage})
+        run.log(_data_metrics(manifest, result.seconds), step=0)
     outputs = {"dataset_uri": result.uri, "manifest": manifest}
-    return StepOutcome("prepare", result.cache_hit, manifest["fingerprint"], run_id, outputs)
+    return StepOutcome("prepare", result.cache_hit, manifest["fingerprint"], run.run_id, outputs)
 
 
 def _data_metrics(manifest: dict[str, Any], seconds: float) -> dict[str, float]:
@@ -119,8 +119,8 @@ def _train_or_reuse(
         hit = ctx.cache.lookup("train", fp, lambda r: _checkpoint_exists(ctx, r))
     if hit is not None:
         tags = {CACHE_HIT_TAG: "true", "moe.cached_from_run": hit["mlflow_run_id"]}
-        with ctx.runs.step("train", ctx.parent_run_id, tags) as run_id:
-            ctx.runs.log_metrics(run_id, hit["metrics"], step=hit["steps"])
+        with ctx.runs.step("train", ctx.parent_run_id, tags) as run:
+            run.log(hit["metrics"], step=hit["steps"])
         return StepOutcome("train", True, fp, hit["mlflow_run_id"], hit)
     # A forced rerun gets a fresh run name, so the trainer does not resume the old one.
     suffix = f"-{int(time.time())}" if "train" in ctx.force else ""

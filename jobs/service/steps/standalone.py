@@ -73,12 +73,12 @@ def _evaluate_registered(ctx: Context, data: StepOutcome, model: str):
         raise JobError(f"evaluate: {model} has another tokenizer than dataset {data.fingerprint}")
     reader = DatasetReader(data.outputs["dataset_uri"], ctx.cfg.data.s3)
     sets = eval_sets(ctx, reader, loaded.tokenizer)
-    with ctx.runs.step("evaluate", None, {"moe.model": model, **ctx.lineage}) as run_id:
+    with ctx.runs.step("evaluate", None, {"moe.model": model, **ctx.lineage}) as run:
         result = evaluate_model(
             loaded.model, loaded.tokenizer, sets, ctx.cfg.evaluate, reader.eos_token_id
         )
-        log_eval(ctx, run_id, result)
-    return result, run_id
+        log_eval(run, result)
+    return result, run.run_id
 
 
 def register_only(cfg, checkpoint: str, dataset: str | None = None) -> StepOutcome:
