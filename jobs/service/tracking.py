@@ -14,6 +14,7 @@ from typing import Any
 
 from jobs.auth import check_mlflow_credentials
 from jobs.tracking import ClientTracker, Tracker, resolve_tracking_uri
+from jobs.tracking.delivery import experiment_id
 from pipeline.redaction import redact
 
 PIPELINE_TAG = "moe.pipeline"
@@ -31,18 +32,6 @@ def make_client(cfg):
     check_mlflow_credentials()
     uri = resolve_tracking_uri(cfg.tracking.uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
-
-
-def experiment_id(client, name: str) -> str:
-    from mlflow.exceptions import MlflowException
-
-    exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    try:
-        return client.create_experiment(name)
-    except MlflowException:  # created by someone else in between
-        return client.get_experiment_by_name(name).experiment_id
 
 
 class Runs:
