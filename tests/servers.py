@@ -57,14 +57,18 @@ def mlflow_server(
         try:
             wait_http(f"{uri}/health", timeout=120, proc=proc)
         except Exception as e:
-            proc.kill()
+            _stop(proc)  # not kill(): SIGKILL would leave its uvicorn and job workers running
             tail = (root / "server.log").read_text()[-2000:]
             raise RuntimeError(f"mlflow server {' '.join(args)} failed: {e}\n{tail}") from e
         try:
             yield uri
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            _stop(proc)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
