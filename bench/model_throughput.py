@@ -45,7 +45,7 @@ from jobs.train.optim import build_optimizer  # noqa: E402
 from jobs.train.step import Trainee, train_step  # noqa: E402
 from moe_model import ModelConfig, MoETransformer  # noqa: E402
 from moe_model.cpu import scratch  # noqa: E402
-from moe_model.hf import hf_config  # noqa: E402
+from moe_model.hf import LAYER_RENAMES, hf_config  # noqa: E402
 
 # The CPU configs: presets plus overrides. Each varies what a CPU trick could be fitted to:
 # head count and head dim, GQA ratio, vocab (and untied head), experts and top-k.
@@ -161,14 +161,12 @@ def hf_state_from_ours(model: MoETransformer) -> dict[str, torch.Tensor]:
         "norm.weight": "model.norm.weight",
         "lm_head.weight": "lm_head.weight",
     }
+    # The checkpoint's names (hf.LAYER_RENAMES), where transformers 5 calls the MoE block mlp.
     per_layer = {
-        "attn.q_proj.weight": "self_attn.q_proj.weight",
-        "attn.k_proj.weight": "self_attn.k_proj.weight",
-        "attn.v_proj.weight": "self_attn.v_proj.weight",
-        "attn.o_proj.weight": "self_attn.o_proj.weight",
-        "attn_norm.weight": "input_layernorm.weight",
-        "moe_norm.weight": "post_attention_layernorm.weight",
-        "moe.router.weight": "mlp.gate.weight",
+        **{
+            ours: theirs.replace("block_sparse_moe.", "mlp.")
+            for ours, theirs in LAYER_RENAMES.items()
+        },
         "moe.w13": "mlp.experts.gate_up_proj",
         "moe.w2": "mlp.experts.down_proj",
     }

@@ -76,8 +76,8 @@ def plan_dispatch(
         keep_N = torch.empty_like(keep_sorted_N).index_copy_(0, order_N, keep_sorted_N)
 
     # Dropped slots all land on the extra row num_rows, which is cut off.
-    slot_of_row_P = torch.full((num_rows + 1,), N, dtype=torch.long, device=device)
-    slot_of_row_P = slot_of_row_P.index_copy_(0, row_sorted_N, order_N)[:num_rows]
+    slot_of_row_Pp1 = torch.full((num_rows + 1,), N, dtype=torch.long, device=device)
+    slot_of_row_P = slot_of_row_Pp1.index_copy_(0, row_sorted_N, order_N)[:num_rows]
     slot_row_N = torch.empty_like(order_N).index_copy_(0, order_N, row_sorted_N)
     if keep_N is not None:
         slot_row_N = torch.where(keep_N, slot_row_N, 0)

@@ -29,7 +29,7 @@ EXTRA_KEY = "moe_pretrain"
 # Aux-loss-free selection bias (not part of HF Mixtral, which ignores the key on load).
 BIAS_SUFFIX = "block_sparse_moe.gate.selection_bias"
 
-_LAYER_RENAMES = {
+LAYER_RENAMES = {
     "attn.q_proj.weight": "self_attn.q_proj.weight",
     "attn.k_proj.weight": "self_attn.k_proj.weight",
     "attn.v_proj.weight": "self_attn.v_proj.weight",
@@ -80,7 +80,7 @@ def to_hf_state_dict(model: MoETransformer) -> dict[str, torch.Tensor]:
         out["lm_head.weight"] = ours["lm_head.weight"]
     for i in range(cfg.num_layers):
         src, dst = f"layers.{i}.", f"model.layers.{i}."
-        for a, b in _LAYER_RENAMES.items():
+        for a, b in LAYER_RENAMES.items():
             out[dst + b] = ours[src + a]
         w13_E2FD, w2_EDF = ours[src + "moe.w13"], ours[src + "moe.w2"]
         for j in range(cfg.num_experts):
@@ -190,7 +190,7 @@ def from_hf_state_dict(hub: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[s
         out["lm_head.weight"] = lm_head
     for i in range(cfg.num_layers):
         src, dst = f"model.layers.{i}.", f"layers.{i}."
-        for ours, theirs in _LAYER_RENAMES.items():
+        for ours, theirs in LAYER_RENAMES.items():
             key = src + theirs
             if key not in hub:
                 key = key.replace("block_sparse_moe.", "mlp.")

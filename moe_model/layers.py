@@ -141,9 +141,11 @@ class Attention(nn.Module):
             q_BHTDh = qk_BTHqkDh[:, :, :H].transpose(1, 2)
             k_BHkvTDh = qk_BTHqkDh[:, :, H:].transpose(1, 2)
             v_BHkvTDh = qkv_BTHqkvDh[:, :, H + Hkv :].transpose(1, 2)
-        if cache is not None:
-            k_BHkvTDh, v_BHkvTDh = cache.append(k_BHkvTDh, v_BHkvTDh)
-        o_BHTDh = self._sdpa(q_BHTDh, k_BHkvTDh, v_BHkvTDh, start)
+        if cache is not None:  # the keys and values of every position so far
+            k_BHkvSDh, v_BHkvSDh = cache.append(k_BHkvTDh, v_BHkvTDh)
+        else:
+            k_BHkvSDh, v_BHkvSDh = k_BHkvTDh, v_BHkvTDh
+        o_BHTDh = self._sdpa(q_BHTDh, k_BHkvSDh, v_BHkvSDh, start)
         return self.o_proj(o_BHTDh.transpose(1, 2).reshape(B, T, -1))
 
     def _sdpa(
@@ -160,9 +162,9 @@ class Attention(nn.Module):
         if gqa and q_BHTDh.is_cuda:
             # CUDA's fused kernels take GQA only without a mask; else SDPA falls back to math.
             groups = self.num_heads // self.num_kv_heads
-            k_BHkvSDh = k_BHkvSDh.repeat_interleave(groups, dim=1)
-            v_BHkvSDh = v_BHkvSDh.repeat_interleave(groups, dim=1)
-            gqa = False
+            k_BHSDh = k_BHkvSDh.repeat_interleave(groups, dim=1)
+            v_BHSDh = v_BHkvSDh.repeat_interleave(groups, dim=1)
+            return F.scaled_dot_product_attention(q_BHTDh, k_BHSDh, v_BHSDh, attn_mask=mask_TS)
         return F.scaled_dot_product_attention(
             q_BHTDh, k_BHkvSDh, v_BHkvSDh, attn_mask=mask_TS, enable_gqa=gqa
         )

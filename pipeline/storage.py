@@ -116,16 +116,22 @@ def _copy_local(src: str, dst: str) -> None:
         os.fsync(fo.fileno())
 
 
+def write_local_atomic(path: str, data: bytes) -> None:
+    """``data`` at the local ``path``: written beside it under a temporary name, synced, then
+    ``os.replace``d (atomic on POSIX), so a reader sees the old file or the whole new one."""
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def write_bytes_atomic(uri: str, data: bytes, s3: S3Options | None = None) -> None:
     fs, path = filesystem(uri, s3)
     if not is_remote(uri):
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_local_atomic(path, data)
         return
     fs.pipe_file(path, data)
     fs.invalidate_cache(path)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import servers
 from servers import free_port, wait_http
 
 # MLflow's telemetry thread sets and unsets an environment variable while other threads read
@@ -92,29 +93,8 @@ def ray_local(s3_endpoint):
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real ``mlflow server`` (SQLite backend, local artifacts); yields its URI."""
-    root = tmp_path_factory.mktemp("mlflow")
-    port = free_port()
-    cmd = [
-        sys.executable, "-m", "mlflow", "server",
-        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-        "--artifacts-destination", (root / "artifacts").as_uri(),
-        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-    ]  # fmt: skip
-    with open(root / "server.log", "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        uri = f"http://127.0.0.1:{port}"
-        try:
-            wait_http(f"{uri}/health", timeout=120, proc=proc)
-        except Exception as e:
-            proc.kill()
-            tail = (root / "server.log").read_text()[-2000:]
-            raise RuntimeError(f"mlflow server failed: {e}\n{tail}") from None
+    with servers.mlflow_server(tmp_path_factory.mktemp("mlflow"), free_port()) as uri:
         yield uri
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 @pytest.fixture

@@ -32,7 +32,7 @@ def evaluate(
     set_: SetOpt = None,
 ) -> None:
     """Val (and held-out) loss, perplexity, expert load and samples, logged to an MLflow run."""
-    from jobs.service.standalone import evaluate_only
+    from jobs.service.steps.standalone import evaluate_only
     from jobs.settings import load_root_config
 
     cfg = load_root_config(config, set_)

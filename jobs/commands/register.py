@@ -17,7 +17,7 @@ def register_cmd(
     set_: SetOpt = None,
 ) -> None:
     """Register a checkpoint as HF files (alias candidate); the gate may make it champion."""
-    from jobs.service.standalone import register_only
+    from jobs.service.steps.standalone import register_only
     from jobs.settings import load_root_config
 
     cfg = load_root_config(config, set_)

@@ -13,7 +13,7 @@ ForceOpt = Annotated[
     typer.Option(
         "--force",
         "-f",
-        help="Rerun a stage even if cached: prepare, train, evaluate, register (repeatable).",
+        help="Rerun a step even if cached: prepare, train, evaluate, register (repeatable).",
     ),
 ]
 ConfigJsonOpt = Annotated[
@@ -28,15 +28,15 @@ def run(
     force: ForceOpt = None,
     config_json: ConfigJsonOpt = None,
 ) -> None:
-    """Run the whole pipeline as one tracked MLflow run; cached stages are skipped."""
+    """Run the whole pipeline as one tracked MLflow run; cached steps are skipped."""
     from jobs.service.dag import check_force, run_pipeline
     from jobs.settings import load_root_config, tree_from_json
 
     cfg = load_root_config(config, set_, base=tree_from_json(config_json))
     result = run_pipeline(cfg, force=check_force(force or ()))
-    for stage in result.stages:
-        state = "cache hit" if stage.cache_hit else "ran"
-        typer.echo(f"{stage.name:<9} {state:<9} {stage.fingerprint}", err=True)
+    for step in result.steps:
+        state = "cache hit" if step.cache_hit else "ran"
+        typer.echo(f"{step.name:<9} {state:<9} {step.fingerprint}", err=True)
     for key in ("val/loss", "heldout/loss", "val/perplexity"):
         if key in result.metrics:
             typer.echo(f"{key} = {result.metrics[key]:.4f}", err=True)

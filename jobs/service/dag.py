@@ -1,9 +1,9 @@
 """``run_pipeline``: prepare -> train -> evaluate -> register as one tracked, cached run.
 
-One MLflow parent run per pipeline run and one nested run per stage (training
-opens its own under the same parent). A stage whose committed output exists
+One MLflow parent run per pipeline run and one nested run per step (training
+opens its own under the same parent). A step whose committed output exists
 is skipped and its run tagged ``moe.cache_hit=true``, so rerunning an
-unchanged config does no work; ``force`` names stages to redo anyway.
+unchanged config does no work; ``force`` names steps to redo anyway.
 Lineage (dataset fingerprint and manifest, tokenizer hash, checkpoint, config
 hash, git commit) is tagged on the parent run and on the model version.
 """
@@ -16,12 +16,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from jobs.errors import JobError
-from jobs.service.cache import STAGES, StageCache
+from jobs.service import steps
 from jobs.service.lineage import git_commit, run_config_hash
-from jobs.service.model_stages import evaluate_stage, register_stage
-from jobs.service.stages import Context, StageOutcome, join_job_cluster, prepare_stage, train_stage
+from jobs.service.steps.base import Context, StepOutcome, join_job_cluster
+from jobs.service.steps.cache import STEPS, StepCache
 from jobs.service.submit import SUBMISSION_ENV
-from jobs.service.tracking import PIPELINE_TAG, SUBMISSION_TAG, Runs
+from jobs.service.tracking import PIPELINE_TAG, SUBMISSION_TAG, Runs, log_json
+from jobs.tracking import Tracker
 
 
 @dataclass
@@ -35,55 +36,52 @@ class PipelineResult:
     train_run_id: str | None
     metrics: dict[str, float]
     samples: list[dict[str, str]]
-    stages: list[StageOutcome] = field(default_factory=list)
+    steps: list[StepOutcome] = field(default_factory=list)
 
     @property
     def cache_hits(self) -> dict[str, bool]:
-        return {s.name: s.cache_hit for s in self.stages}
+        return {s.name: s.cache_hit for s in self.steps}
 
 
 def check_force(force: Iterable[str]) -> frozenset[str]:
     force = frozenset(force)
-    unknown = sorted(force - set(STAGES))
+    unknown = sorted(force - set(STEPS))
     if unknown:
-        raise JobError(f"--force {unknown[0]}: expected one of {', '.join(STAGES)}")
+        raise JobError(f"--force {unknown[0]}: expected one of {', '.join(STEPS)}")
     return force
 
 
 def run_pipeline(cfg, force: Iterable[str] = (), run_name: str | None = None) -> PipelineResult:
     ctx = Context(
-        cfg, Runs(cfg), StageCache(cfg.storage.root, cfg.data.s3), force=check_force(force)
+        cfg, Runs(cfg), StepCache(cfg.storage.root, cfg.data.s3), force=check_force(force)
     )
     ctx.lineage = {"lineage.config_hash": run_config_hash(cfg), "lineage.git_commit": git_commit()}
     join_job_cluster()
     tags = {PIPELINE_TAG: "true", **ctx.lineage}
     if os.environ.get(SUBMISSION_ENV):
         tags[SUBMISSION_TAG] = os.environ[SUBMISSION_ENV]
-    ctx.parent_run_id = ctx.runs.start(
-        run_name or f"pipeline-{ctx.lineage['lineage.config_hash'][:8]}", tags
-    )
+    parent = ctx.runs.start(run_name or f"pipeline-{ctx.lineage['lineage.config_hash'][:8]}", tags)
+    ctx.parent_run_id = parent.run_id
     try:
-        result = _stages(ctx)
+        result = _run_steps(ctx, parent)
     except BaseException:
-        ctx.runs.end(ctx.parent_run_id, ok=False)
+        parent.close("FAILED")
         raise
-    ctx.runs.end(ctx.parent_run_id)
+    parent.close()
     return result
 
 
-def _stages(ctx: Context) -> PipelineResult:
-    runs, parent = ctx.runs, ctx.parent_run_id
-    runs.log_params(parent, ctx.cfg.model_dump(mode="json"))
-    runs.log_json(parent, "config.json", ctx.cfg.model_dump(mode="json"))
-    data = prepare_stage(ctx)
-    trained = train_stage(ctx, data)
+def _run_steps(ctx: Context, parent: Tracker) -> PipelineResult:
+    parent.log_params(ctx.cfg.model_dump(mode="json"))
+    log_json(parent, "config.json", ctx.cfg.model_dump(mode="json"))
+    data = steps.prepare(ctx)
+    trained = steps.train(ctx, data)
     ctx.lineage["lineage.checkpoint_uri"] = trained.outputs["checkpoint_uri"]
-    evaluated = evaluate_stage(ctx, data, trained)
-    registered = register_stage(ctx, data, evaluated)
+    evaluated = steps.evaluate(ctx, data, trained)
+    registered = steps.register(ctx, data, evaluated)
     out = registered.outputs
     model_uri = f"models:/{out['name']}/{out['version']}"
-    runs.set_tags(
-        parent,
+    parent.set_tags(
         {
             **ctx.lineage,
             "moe.model_uri": model_uri,
@@ -95,18 +93,18 @@ def _stages(ctx: Context) -> PipelineResult:
         },
     )
     metrics = {**trained.outputs["metrics"], **evaluated.outputs["metrics"]}
-    runs.log_metrics(parent, {k: v for k, v in metrics.items() if _is_number(v)})
+    parent.log({k: v for k, v in metrics.items() if _is_number(v)}, step=0)
     return PipelineResult(
         model_uri=model_uri,
         model_version=out["version"],
         became_champion=out["became_champion"] == "true",
-        parent_run_id=parent,
+        parent_run_id=parent.run_id,
         dataset_uri=data.outputs["dataset_uri"],
         checkpoint_uri=trained.outputs["checkpoint_uri"],
         train_run_id=trained.run_id,
         metrics=metrics,
         samples=evaluated.outputs.get("samples", []),
-        stages=[data, trained, evaluated, registered],
+        steps=[data, trained, evaluated, registered],
     )
 
 

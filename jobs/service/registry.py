@@ -19,7 +19,7 @@ CANDIDATE = "candidate"
 CHAMPION = "champion"
 ARTIFACT_PATH = "model"
 
-# Model-version tags written by ``register_stage`` and read back by the gate.
+# Model-version tags written by ``steps.register`` and read back by the gate.
 TAG_GATE_METRIC = "moe.gate_metric"
 TAG_GATE_LOSS = "moe.gate_loss"
 TAG_EVAL_DATA = "moe.eval_data"
@@ -94,7 +94,7 @@ def version_by_alias(client, name: str, alias: str):
 
 
 def find_version(client, name: str, fingerprint: str):
-    """A version registered from the same inputs (cache hit of the register stage), or None."""
+    """A version registered from the same inputs (cache hit of the register step), or None."""
     from mlflow.exceptions import MlflowException
 
     try:

@@ -10,6 +10,11 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
 
 class Tracker(Protocol):
+    @property
+    def run_id(self) -> str | None:
+        """The MLflow run, once there is one (None for a tracker that tracks nothing)."""
+        ...
+
     def log(self, metrics: dict[str, float], step: int) -> None: ...
 
     def log_params(self, params: dict[str, Any]) -> None: ...

@@ -19,8 +19,10 @@ from pipeline.redaction import redact_uri
 log = logging.getLogger(__name__)
 
 RUN_KEY_TAG = "moe.run_key"
+# MLflow's limits: items per log_batch, characters per param value.
 _MAX_METRICS_PER_BATCH = 1000
-_MAX_PARAMS_PER_BATCH = 100
+MAX_PARAMS_PER_BATCH = 100
+MAX_PARAM_LEN = 6000
 _MAX_BACKOFF_S = 60.0
 
 
@@ -70,6 +72,21 @@ class Retry:
         return was
 
 
+def experiment_id(client, name: str) -> str:
+    """The id of experiment ``name``, created when missing (or found, when someone else
+    created it in between)."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name)
+    except Exception:
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
 class MlflowRun:
     """One MLflow run, found by its run key on resume, and the tracker's items written to it."""
 
@@ -97,7 +114,7 @@ class MlflowRun:
         from mlflow import MlflowClient
 
         self._client = MlflowClient(self.uri)
-        exp_id = self._experiment_id()
+        exp_id = experiment_id(self._client, self.experiment)
         existing = self._client.search_runs(
             [exp_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{self.run_key}'", max_results=1
         )
@@ -112,18 +129,6 @@ class MlflowRun:
             run = self._client.create_run(exp_id, run_name=self.run_name, tags=tags)
             self.run_id = run.info.run_id
         return True
-
-    def _experiment_id(self) -> str:
-        exp = self._client.get_experiment_by_name(self.experiment)
-        if exp is not None:
-            return exp.experiment_id
-        try:
-            return self._client.create_experiment(self.experiment)
-        except Exception:
-            exp = self._client.get_experiment_by_name(self.experiment)
-            if exp is None:
-                raise
-            return exp.experiment_id
 
     def start_system_metrics(self) -> None:
         if not self.system_metrics:
@@ -175,8 +180,8 @@ class MlflowRun:
 
         known = self._client.get_run(self.run_id).data.params if self.resumed else {}
         fresh = [Param(k, v) for k, v in params.items() if k not in known]
-        for i in range(0, len(fresh), _MAX_PARAMS_PER_BATCH):
-            self._client.log_batch(self.run_id, params=fresh[i : i + _MAX_PARAMS_PER_BATCH])
+        for i in range(0, len(fresh), MAX_PARAMS_PER_BATCH):
+            self._client.log_batch(self.run_id, params=fresh[i : i + MAX_PARAMS_PER_BATCH])
 
     def _write_tags(self, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag

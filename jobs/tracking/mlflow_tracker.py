@@ -28,13 +28,12 @@ from typing import Any
 
 from jobs.auth import check_mlflow_credentials
 from jobs.tracking.base import flatten_params, resolve_tracking_uri
-from jobs.tracking.delivery import MlflowRun, Retry, classify
+from jobs.tracking.delivery import MAX_PARAM_LEN, MlflowRun, Retry, classify
 from jobs.tracking.spool import KINDS, Spool
 from pipeline.redaction import redact, redact_uri
 
 log = logging.getLogger(__name__)
 
-_MAX_PARAM_LEN = 6000
 # MLflow's REST client retries a dead server for minutes by default; the thread
 # retries on its own schedule instead, so each attempt should fail fast.
 _HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
@@ -349,7 +348,7 @@ class MlflowTracker:
 
 def _param_value(value: Any) -> str:
     text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
-    return text[:_MAX_PARAM_LEN]
+    return text[:MAX_PARAM_LEN]
 
 
 @dataclass

@@ -12,8 +12,6 @@ checkpoint that is not (local folders and ``s3://`` alike).
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from typing import Any
 
 from jobs.errors import JobError
@@ -48,12 +46,9 @@ def write_commit(uri: str, step: int) -> None:
         fs.pipe_file(target, data)
         fs.invalidate_cache(path)
         return
-    tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, target)
+    from pipeline.storage import write_local_atomic
+
+    write_local_atomic(target, data)
 
 
 def commit_problem(uri: str) -> str | None:

@@ -75,7 +75,7 @@ def train(
     runs = runs_uri(cfg.storage.root)
     run_uri = safe_join(runs, run_name)
     if init_from is None and cfg.train.init_from not in (None, "champion"):
-        init_from = cfg.train.init_from  # `champion` is resolved by `run` (jobs.service.stages)
+        init_from = cfg.train.init_from  # `champion` is resolved by `run` (jobs.service.steps.data)
     if init_from is not None:
         init_from = confine_init_from(cfg.storage.root, init_from)
     # Two trainings of one run would share its folder and MLflow run: one at a time.

@@ -1,7 +1,7 @@
 """Where a run's starting weights may come from: a checkpoint inside the storage root.
 
 ``train.init_from`` (a path or URI, or ``champion``: the checkpoint a registry tag
-names, and any EDIT user of the registry can change a tag), a stage record's
+names, and any EDIT user of the registry can change a tag), a step record's
 checkpoint and a checkpoint's own ``dataset_uri`` are read with the pipeline's
 credentials, so each is confined to ``storage.root`` before anything reads it.
 Every kind of ``init_from`` goes through ``confine_checkpoint``, ``upcycle:PATH``'s dense

@@ -102,7 +102,7 @@ def load_upcycled_weights(path: str, module: nn.Module, model_cfg: ModelConfig, 
 
 def source_identity(path: str) -> str:
     """``upcycle:PATH@hash`` of config.json and the weight files' names and sizes: the train
-    stage's fingerprint changes when the dense checkpoint does."""
+    step's fingerprint changes when the dense checkpoint does."""
     from pipeline.storage import filesystem
 
     fs, remote = filesystem(path)

@@ -49,11 +49,11 @@ class RMSNormCPU(torch.autograd.Function):
 
 
 class SplitRopeCPU(torch.autograd.Function):
-    """[q | k | v] heads from the fused projection -> RoPE'd q and k, and v, as [B, heads, T, Dh].
+    """[q | k | v] heads from the fused projection -> RoPE'd q [B, H, T, Dh], k and v [B, Hkv, T, Dh].
 
     Same arithmetic as `layers.apply_rope` (x1*c - x2*s, x2*c + x1*s per half), but written into one
     buffer, and the backward writes the whole [q | k | v] gradient in place of autograd's
-    chunk/cat/neg/slice graph, which zero-fills and copies the [B, T, heads, Dh] buffer once
+    chunk/cat/neg/slice graph, which zero-fills and copies the [B, T, Hqkv, Dh] buffer once
     per slice. The rotation is orthogonal: its backward is the rotation by -angle.
     """
 
@@ -67,8 +67,8 @@ class SplitRopeCPU(torch.autograd.Function):
         out_BTHqkvDh[:, :, Hqk:] = qkv_BTHqkvDh[:, :, Hqk:]
         ctx.save_for_backward(cos_TDh, sin_TDh)
         ctx.num_heads = num_heads
-        heads = out_BTHqkvDh.transpose(1, 2)
-        return heads[:, :num_heads], heads[:, num_heads:Hqk], heads[:, Hqk:]
+        out_BHqkvTDh = out_BTHqkvDh.transpose(1, 2)
+        return out_BHqkvTDh[:, :num_heads], out_BHqkvTDh[:, num_heads:Hqk], out_BHqkvTDh[:, Hqk:]
 
     @staticmethod
     def backward(ctx, grad_q_BHTDh, grad_k_BHkvTDh, grad_v_BHkvTDh):
@@ -78,20 +78,21 @@ class SplitRopeCPU(torch.autograd.Function):
         Hkv = grad_k_BHkvTDh.shape[1]
         grad_BTHqkvDh = grad_q_BHTDh.new_empty(B, T, H + 2 * Hkv, Dh)
         Hqk = H + Hkv
-        for grad_BHTDh, heads in ((grad_q_BHTDh, slice(0, H)), (grad_k_BHkvTDh, slice(H, Hqk))):
-            g_BTHDh = grad_BHTDh.transpose(1, 2)
-            _rotate(g_BTHDh, cos_TDh, sin_TDh, grad_BTHqkvDh[:, :, heads], sign=-1.0)
+        g_BTHDh, g_BTHkvDh = grad_q_BHTDh.transpose(1, 2), grad_k_BHkvTDh.transpose(1, 2)
+        _rotate(g_BTHDh, cos_TDh, sin_TDh, grad_BTHqkvDh[:, :, :H], sign=-1.0)
+        _rotate(g_BTHkvDh, cos_TDh, sin_TDh, grad_BTHqkvDh[:, :, H:Hqk], sign=-1.0)
         grad_BTHqkvDh[:, :, Hqk:] = grad_v_BHkvTDh.transpose(1, 2)
         return grad_BTHqkvDh, None, None, None
 
 
-def _rotate(x_BTHDh, cos_TDh, sin_TDh, out_BTHDh, sign: float) -> None:
-    """out = x * cos + sign * rotate_half(x) * sin, rotate_half(x) = [-x2, x1]."""
-    h = x_BTHDh.shape[-1] // 2
-    x1, x2 = x_BTHDh[..., :h], x_BTHDh[..., h:]
+def _rotate(x, cos_TDh, sin_TDh, out, sign: float) -> None:
+    """out = x * cos + sign * rotate_half(x) * sin, rotate_half(x) = [-x2, x1]; x and out are
+    [B, T, heads, Dh] with any number of heads (Hqk, H or Hkv)."""
+    h = x.shape[-1] // 2
+    x1, x2 = x[..., :h], x[..., h:]
     c1, c2 = cos_TDh[:, None, :h], cos_TDh[:, None, h:]
     s1, s2 = sin_TDh[:, None, :h], sin_TDh[:, None, h:]
-    o1, o2 = out_BTHDh[..., :h], out_BTHDh[..., h:]
+    o1, o2 = out[..., :h], out[..., h:]
     if sign > 0:
         torch.mul(x1, c1, out=o1).sub_(x2 * s1)
         torch.mul(x2, c2, out=o2).add_(x1 * s2)

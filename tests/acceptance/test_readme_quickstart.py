@@ -1,6 +1,6 @@
 """The README's first command, ``make demo`` (= ``moe-pretrain demo``), in a fresh folder
 as its own process: what it prints is what the README says it prints, and a second run is
-all cache hits. Fewer documents and steps than the real demo, same corpus and stages."""
+all cache hits. Fewer documents and steps than the real demo, same corpus and steps."""
 
 from __future__ import annotations
 

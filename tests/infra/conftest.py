@@ -8,8 +8,6 @@ import os
 import re
 import secrets
 import shlex
-import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +15,7 @@ from typing import Any
 import kustomize_render
 import pytest
 import yaml
-from servers import free_port, wait_http
+from servers import free_port, mlflow_server
 
 REPO = Path(__file__).resolve().parents[2]
 INFRA = REPO / "infra"
@@ -247,28 +245,9 @@ def mlflow_auth_server(tmp_path_factory):
     }
     for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_URI"):
         env.pop(key, None)
-    cmd = [
-        sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth",
-        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-        "--artifacts-destination", (root / "artifacts").as_uri(),
-        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-        "--allowed-hosts", f"127.0.0.1:{port},localhost:{port}",
-    ]  # fmt: skip
-    with open(root / "server.log", "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        uri = f"http://127.0.0.1:{port}"
-        try:
-            wait_http(f"{uri}/health", timeout=120, proc=proc)
-        except Exception as e:
-            proc.kill()
-            tail = (root / "server.log").read_text()[-2000:]
-            raise RuntimeError(f"mlflow auth server failed: {tail}") from e
+    args = ["--app-name", "basic-auth", "--allowed-hosts", f"127.0.0.1:{port},localhost:{port}"]
+    with mlflow_server(root, port, args, env) as uri:
         yield AuthServer(uri=uri, port=port, admin=admin, root=root)
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def http(method: str, url: str, auth: tuple[str, str] | None = None, body: bytes | None = None,

@@ -109,8 +109,9 @@ def test_the_pipeline_logs_with_credentials_from_the_environment(
         {"tracking": {"uri": mlflow_auth_server.uri, "experiment": experiment}}
     )
     runs = Runs(cfg)
-    parent = runs.start("pipeline", {"moe.stage": "pipeline"})
-    runs.log_params(parent, {"train": {"lr": 3e-4}})
+    parent_run = runs.start("pipeline", {"moe.stage": "pipeline"})
+    parent = parent_run.run_id
+    parent_run.log_params({"train": {"lr": 3e-4}})
     tracker = MlflowTracker(
         uri=mlflow_auth_server.uri,
         experiment=experiment,
@@ -122,7 +123,7 @@ def test_the_pipeline_logs_with_credentials_from_the_environment(
     )
     tracker.log({"train/loss": 1.5}, step=1)
     tracker.close()
-    runs.end(parent)
+    parent_run.close()
     assert tracker.run_id, "the tracker never reached the authenticated server"
     assert client.get_run(parent).data.params == {"train.lr": "0.0003"}
     train = client.get_run(tracker.run_id).data

@@ -18,12 +18,13 @@ import torch
 from mlflow import MlflowClient
 
 from jobs.config import RootConfig
-from jobs.service.cache import StageCache
+from jobs.service import steps as dag_steps
 from jobs.service.evaluate import evaluate_model, loss_on
 from jobs.service.lineage import dataset_lineage
-from jobs.service.model_stages import eval_sets, register_stage
 from jobs.service.registry import CANDIDATE, CHAMPION
-from jobs.service.stages import Context, StageOutcome
+from jobs.service.steps.base import Context, StepOutcome
+from jobs.service.steps.cache import StepCache
+from jobs.service.steps.model import eval_sets
 from jobs.service.tracking import Runs
 from jobs.settings import build
 from moe_model import MoETransformer
@@ -69,9 +70,9 @@ def make_context(cfg: RootConfig, dataset_uri: str):
     from pipeline.reader import DatasetReader
 
     reader = DatasetReader(dataset_uri)
-    ctx = Context(cfg, Runs(cfg), StageCache(cfg.storage.root))
+    ctx = Context(cfg, Runs(cfg), StepCache(cfg.storage.root))
     ctx.lineage = {**dataset_lineage(reader.manifest, reader.uri), "lineage.checkpoint_uri": "x"}
-    data = StageOutcome(
+    data = StepOutcome(
         "prepare",
         True,
         reader.fingerprint,
@@ -120,8 +121,8 @@ def register(ctx, data, reader, model, tag: str):
         "samples": [],
         "model": model,
     }
-    evaluated = StageOutcome("evaluate", False, f"eval-{tag}", None, outputs)
-    return register_stage(ctx, data, evaluated), result
+    evaluated = StepOutcome("evaluate", False, f"eval-{tag}", None, outputs)
+    return dag_steps.register(ctx, data, evaluated), result
 
 
 def test_champion_gate_both_ways(dataset, models, mlflow_uri, tmp_path):
@@ -148,7 +149,7 @@ def test_champion_gate_both_ways(dataset, models, mlflow_uri, tmp_path):
     assert client.get_model_version_by_alias(name, CHAMPION).version == second.outputs["version"]
     assert client.get_model_version_by_alias(name, CANDIDATE).version == third.outputs["version"]
 
-    # The decision and both numbers are on the register stage's run and on the version.
+    # The decision and both numbers are on the register step's run and on the version.
     run = client.get_run(third.run_id)
     assert run.data.tags["gate.decision"] == "keep"
     assert run.data.metrics["gate/champion_loss"] == pytest.approx(good_eval.metrics["val/loss"])
@@ -158,7 +159,7 @@ def test_champion_gate_both_ways(dataset, models, mlflow_uri, tmp_path):
     assert mv.tags["lineage.dataset_fingerprint"] == data.fingerprint
     assert mv.tags["lineage.tokenizer_sha256"] == reader.manifest["tokenizer"]["sha256"]
 
-    # Same inputs again: the register stage is a cache hit, no new version.
+    # Same inputs again: the register step is a cache hit, no new version.
     again, _ = register(ctx, data, reader, bad, "bad-again")
     assert again.cache_hit and again.outputs["version"] == third.outputs["version"]
 
@@ -194,9 +195,9 @@ def _register_in_child(cfg, dataset_uri, model, tag, barrier, results) -> None:
     result = evaluate_model(model, tok, sets, cfg.evaluate, reader.eos_token_id)
     outputs = {"metrics": result.metrics, "eval_data": result.eval_data, "samples": [],
                "model": model}  # fmt: skip
-    evaluated = StageOutcome("evaluate", False, f"eval-{tag}", None, outputs)
+    evaluated = StepOutcome("evaluate", False, f"eval-{tag}", None, outputs)
     barrier.wait(timeout=300)
-    out = register_stage(ctx, data, evaluated)
+    out = dag_steps.register(ctx, data, evaluated)
     results.put((tag, out.outputs["version"]))
 
 

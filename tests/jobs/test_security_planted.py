@@ -234,9 +234,10 @@ def test_champion_tag_cannot_point_outside_the_storage_root(world, tmp_path, mlf
     which any EDIT user of the registry can change."""
     import uuid
 
-    from jobs.service.cache import StageCache
     from jobs.service.registry import CHAMPION, ensure_registered_model
-    from jobs.service.stages import Context, resolve_init
+    from jobs.service.steps.base import Context
+    from jobs.service.steps.cache import StepCache
+    from jobs.service.steps.data import resolve_init
     from jobs.service.tracking import Runs
 
     root, dataset, ckpt = world
@@ -251,7 +252,7 @@ def test_champion_tag_cannot_point_outside_the_storage_root(world, tmp_path, mlf
         tags={"lineage.checkpoint_uri": str(outside)},
     )  # fmt: skip
     runs.client.set_registered_model_alias(name, CHAMPION, mv.version)
-    ctx = Context(cfg, runs, StageCache(str(root)))
+    ctx = Context(cfg, runs, StepCache(str(root)))
     with pytest.raises(PathEscapeError, match="lineage.checkpoint_uri.*outside the storage root"):
         resolve_init(ctx, DatasetReader(dataset).manifest)
 

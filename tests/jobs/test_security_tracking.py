@@ -1,6 +1,6 @@
 """What the pipeline logs to a real MLflow server holds no secret: a config tree with planted
 credentials (secret fields, credential-named keys, URIs with passwords) goes through both
-logging paths (the trainer's ``MlflowTracker`` and the pipeline's ``Runs``), and nothing
+logging paths (the trainer's ``MlflowTracker`` and the pipeline's ``Runs``, ``ClientTracker``s), and nothing
 planted can be found in the run's params, tags or run name afterwards."""
 
 from __future__ import annotations
@@ -79,11 +79,11 @@ def test_the_trainers_tracker_logs_no_secret(mlflow_uri, tmp_path):
 def test_the_pipelines_runs_log_no_secret(mlflow_uri):
     cfg = _config_with_secrets().model_copy(update={"tracking": RootConfig().tracking})
     runs = service.Runs(cfg)
-    run_id = runs.start("pipeline-secrets", dict(TAGS))
-    runs.log_params(run_id, {**_config_with_secrets().model_dump(mode="json"), **EXTRA})
-    runs.set_tags(run_id, {"note": "ok", "source": f"https://x:{PLANTED}12@git/repo"})
-    runs.end(run_id)
-    _assert_clean(_everything_logged(runs.client, run_id))
+    run = runs.start("pipeline-secrets", dict(TAGS))
+    run.log_params({**_config_with_secrets().model_dump(mode="json"), **EXTRA})
+    run.set_tags({"note": "ok", "source": f"https://x:{PLANTED}12@git/repo"})
+    run.close()
+    _assert_clean(_everything_logged(runs.client, run.run_id))
 
 
 @pytest.mark.parametrize("password", [PLANTED, PLANTED + "x" * 300], ids=["short", "long"])

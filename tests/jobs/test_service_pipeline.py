@@ -16,7 +16,7 @@ from jobs.service.submit import SUBMISSION_ENV
 from jobs.service.tracking import find_pipeline_run
 from jobs.settings import apply_overrides, build
 
-# The demo's tree with fewer documents and steps: same corpus, preset and stages.
+# The demo's tree with fewer documents and steps: same corpus, preset and steps.
 SMALLER = [
     "data.max_documents=120",
     "train.max_steps=12",
@@ -29,7 +29,7 @@ SMALLER = [
 ]
 
 
-def test_unknown_force_stage_is_one_line():
+def test_unknown_force_step_is_one_line():
     with pytest.raises(JobError, match="--force trian: expected one of prepare, train"):
         check_force(["trian"])
 

@@ -1,4 +1,4 @@
-"""The pipeline's prepare stage: a new file extends the dataset, ``--force prepare`` rebuilds."""
+"""The pipeline's prepare step: a new file extends the dataset, ``--force prepare`` rebuilds."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import uuid
 import pytest
 
 from jobs.config import RootConfig
-from jobs.service.cache import StageCache
-from jobs.service.stages import Context, prepare_stage
+from jobs.service import steps
+from jobs.service.steps.base import Context
+from jobs.service.steps.cache import StepCache
 from jobs.service.tracking import CACHE_HIT_TAG, Runs
 from jobs.settings import build
 from tests.pipeline.conftest import document, write_jsonl
@@ -17,7 +18,7 @@ from tests.pipeline.conftest import document, write_jsonl
 pytestmark = pytest.mark.slow
 
 
-def test_prepare_stage_extends_then_force_rebuilds(ray_local, mlflow_uri, tmp_path):
+def test_prepare_step_extends_then_force_rebuilds(ray_local, mlflow_uri, tmp_path):
     rng = random.Random(0)
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -32,16 +33,16 @@ def test_prepare_stage_extends_then_force_rebuilds(ray_local, mlflow_uri, tmp_pa
             "data": data,
         },
     )
-    ctx = Context(cfg, Runs(cfg), StageCache(cfg.storage.root))
-    first = prepare_stage(ctx)
+    ctx = Context(cfg, Runs(cfg), StepCache(cfg.storage.root))
+    first = steps.prepare(ctx)
     write_jsonl(corpus / "b.jsonl", [{"text": document(rng)} for _ in range(6)])
-    second = prepare_stage(ctx)
+    second = steps.prepare(ctx)
     inc = second.outputs["manifest"]["incremental"]
     assert not second.cache_hit and inc["base"] == first.fingerprint
     assert inc["records_read"] == 6
-    assert prepare_stage(ctx).cache_hit
+    assert steps.prepare(ctx).cache_hit
 
-    forced = prepare_stage(Context(cfg, ctx.runs, ctx.cache, force=frozenset({"prepare"})))
+    forced = steps.prepare(Context(cfg, ctx.runs, ctx.cache, force=frozenset({"prepare"})))
     assert not forced.cache_hit and "incremental" not in forced.outputs["manifest"]
     assert forced.outputs["manifest"]["records_read"] == 30
     tags = ctx.runs.client.get_run(forced.run_id).data.tags

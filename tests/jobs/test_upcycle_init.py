@@ -120,10 +120,11 @@ def test_a_folder_that_is_not_a_dense_model_is_refused(storage, dataset):
 
 
 def test_the_pipeline_resolves_upcycle_inside_the_root_and_hashes_the_source(storage):
-    """What ``moe-pretrain run`` hands the trainer and hashes into the train stage's key."""
+    """What ``moe-pretrain run`` hands the trainer and hashes into the train step's key."""
     import json
 
-    from jobs.service.stages import Context, resolve_init
+    from jobs.service.steps.base import Context
+    from jobs.service.steps.data import resolve_init
 
     root, _ = storage
     cfg = load_config(

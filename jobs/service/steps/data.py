@@ -1,70 +1,30 @@
-"""The data and training stages of the DAG, each skipped when its committed output exists.
-
-Each stage returns a ``StageOutcome`` naming what it produced, which is what
-the next stage's fingerprint hashes: a forced rerun upstream gives new
-outputs, so everything downstream reruns too.
-"""
+"""The data and training steps of the DAG, each skipped when its committed output exists."""
 
 from __future__ import annotations
 
-import os
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 from jobs.errors import JobError
-from jobs.service.cache import StageCache
 from jobs.service.lineage import dataset_lineage, stable_hash
-from jobs.service.tracking import CACHE_HIT_TAG, Runs
+from jobs.service.steps.base import Context, StepOutcome
+from jobs.service.tracking import CACHE_HIT_TAG
 from jobs.train.init_from import confine_checkpoint
 from pipeline.locks import storage_lock
 
 
-@dataclass
-class Context:
-    cfg: Any  # RootConfig
-    runs: Runs
-    cache: StageCache
-    parent_run_id: str | None = None
-    force: frozenset[str] = frozenset()
-    lineage: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass
-class StageOutcome:
-    name: str
-    cache_hit: bool
-    fingerprint: str
-    run_id: str | None
-    outputs: dict[str, Any]
-
-
-def join_job_cluster() -> None:
-    """Inside a Ray job (``RAY_ADDRESS`` set), join that cluster before any stage runs.
-
-    Elsewhere nothing starts here: the stages that need Ray (a prepare or a
-    training that is not cached) start a local one, never ``address="auto"``,
-    so a cluster some ``ray start`` left on this machine never gets work by
-    accident, and a fully cached rerun starts no Ray at all.
-    """
-    import ray
-
-    if os.environ.get("RAY_ADDRESS") and not ray.is_initialized():
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
-
-
-def prepare_stage(ctx: Context) -> StageOutcome:
-    from pipeline.prepare import prepare
+def prepare(ctx: Context) -> StepOutcome:
+    from pipeline.prepare import prepare as prepare_dataset
 
     cfg = ctx.cfg
-    with ctx.runs.stage("prepare", ctx.parent_run_id) as run_id:
-        result = prepare(cfg.data, cfg.storage.root, force="prepare" in ctx.force)
+    with ctx.runs.step("prepare", ctx.parent_run_id) as run:
+        result = prepare_dataset(cfg.data, cfg.storage.root, force="prepare" in ctx.force)
         manifest = result.manifest
         ctx.lineage.update(dataset_lineage(manifest, result.uri))
-        ctx.runs.set_tags(run_id, {CACHE_HIT_TAG: str(result.cache_hit).lower(), **ctx.lineage})
-        ctx.runs.log_metrics(run_id, _data_metrics(manifest, result.seconds))
+        run.set_tags({CACHE_HIT_TAG: str(result.cache_hit).lower(), **ctx.lineage})
+        run.log(_data_metrics(manifest, result.seconds), step=0)
     outputs = {"dataset_uri": result.uri, "manifest": manifest}
-    return StageOutcome("prepare", result.cache_hit, manifest["fingerprint"], run_id, outputs)
+    return StepOutcome("prepare", result.cache_hit, manifest["fingerprint"], run.run_id, outputs)
 
 
 def _data_metrics(manifest: dict[str, Any], seconds: float) -> dict[str, float]:
@@ -125,11 +85,11 @@ def resolve_init(ctx: Context, manifest: dict[str, Any]) -> tuple[str | None, st
 
 
 def _checkpoint_exists(ctx: Context, record: dict[str, Any]) -> bool:
-    uri = confine_checkpoint(ctx.cfg.storage.root, record["checkpoint_uri"], "train stage record")
+    uri = confine_checkpoint(ctx.cfg.storage.root, record["checkpoint_uri"], "train step record")
     return ctx.cache.exists(uri)
 
 
-def train_stage(ctx: Context, data: StageOutcome) -> StageOutcome:
+def train(ctx: Context, data: StepOutcome) -> StepOutcome:
     cfg = ctx.cfg
     init_path, init_id = resolve_init(ctx, data.outputs["manifest"])
     if init_id and init_id.startswith("upcycle:"):
@@ -151,9 +111,9 @@ def train_stage(ctx: Context, data: StageOutcome) -> StageOutcome:
 
 
 def _train_or_reuse(
-    ctx: Context, data: StageOutcome, fp: str, init_path: str | None, init_id: str | None
-) -> StageOutcome:
-    from jobs.train.driver import train
+    ctx: Context, data: StepOutcome, fp: str, init_path: str | None, init_id: str | None
+) -> StepOutcome:
+    from jobs.train.driver import train as train_model
 
     cfg = ctx.cfg
     hit = None
@@ -161,12 +121,12 @@ def _train_or_reuse(
         hit = ctx.cache.lookup("train", fp, lambda r: _checkpoint_exists(ctx, r))
     if hit is not None:
         tags = {CACHE_HIT_TAG: "true", "moe.cached_from_run": hit["mlflow_run_id"]}
-        with ctx.runs.stage("train", ctx.parent_run_id, tags) as run_id:
-            ctx.runs.log_metrics(run_id, hit["metrics"], step=hit["steps"])
-        return StageOutcome("train", True, fp, hit["mlflow_run_id"], hit)
+        with ctx.runs.step("train", ctx.parent_run_id, tags) as run:
+            run.log(hit["metrics"], step=hit["steps"])
+        return StepOutcome("train", True, fp, hit["mlflow_run_id"], hit)
     # A forced rerun gets a fresh run name, so the trainer does not resume the old one.
     suffix = f"-{int(time.time())}" if "train" in ctx.force else ""
-    result = train(
+    result = train_model(
         cfg,
         data.outputs["dataset_uri"],
         run_name=f"train-{fp}{suffix}",
@@ -181,4 +141,4 @@ def _train_or_reuse(
         "init_from": init_id,
     }
     ctx.cache.commit("train", fp, record)
-    return StageOutcome("train", False, fp, result.mlflow_run_id, record)
+    return StepOutcome("train", False, fp, result.mlflow_run_id, record)

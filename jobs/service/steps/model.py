@@ -1,4 +1,4 @@
-"""The evaluate and register stages: score a checkpoint, publish it, gate the champion."""
+"""The evaluate and register steps: score a checkpoint, publish it, gate the champion."""
 
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ from jobs.service.evaluate import (
     write_report,
 )
 from jobs.service.lineage import stable_hash
-from jobs.service.stages import Context, StageOutcome
+from jobs.service.steps.base import Context, StepOutcome
 from jobs.service.tracking import CACHE_HIT_TAG
+from jobs.tracking import Tracker
 from pipeline.locks import storage_lock
 from pipeline.storage import join
 
@@ -38,7 +39,7 @@ def heldout_listing(ctx: Context) -> list[dict[str, Any]]:
     return [s.listing_entry() for s in list_sources(inputs, ctx.cfg.data.s3)] if inputs else []
 
 
-def evaluate_stage(ctx: Context, data: StageOutcome, trained: StageOutcome) -> StageOutcome:
+def evaluate(ctx: Context, data: StepOutcome, trained: StepOutcome) -> StepOutcome:
     checkpoint = trained.outputs["checkpoint_uri"]
     fp = stable_hash(
         {
@@ -51,56 +52,56 @@ def evaluate_stage(ctx: Context, data: StageOutcome, trained: StageOutcome) -> S
     hit = None if "evaluate" in ctx.force else ctx.cache.lookup("evaluate", fp)
     if hit is not None:
         tags = {CACHE_HIT_TAG: "true", "moe.cached_from_run": hit["run_id"]}
-        with ctx.runs.stage("evaluate", ctx.parent_run_id, tags) as run_id:
-            ctx.runs.log_metrics(run_id, hit["metrics"])
-        return StageOutcome("evaluate", True, fp, hit["run_id"], hit)
+        with ctx.runs.step("evaluate", ctx.parent_run_id, tags) as run:
+            run.log(hit["metrics"], step=0)
+        return StepOutcome("evaluate", True, fp, hit["run_id"], hit)
     from jobs.train.checkpoint import load_checkpoint_model
     from pipeline.reader import DatasetReader
 
     reader = DatasetReader(data.outputs["dataset_uri"], ctx.cfg.data.s3)
     tokenizer = reader.load_tokenizer()
-    with ctx.runs.stage("evaluate", ctx.parent_run_id, {CACHE_HIT_TAG: "false"}) as run_id:
+    with ctx.runs.step("evaluate", ctx.parent_run_id, {CACHE_HIT_TAG: "false"}) as run:
         model, _, _ = load_checkpoint_model(checkpoint)
         result = evaluate_model(
             model, tokenizer, eval_sets(ctx, reader, tokenizer), ctx.cfg.evaluate,
             reader.eos_token_id,
         )  # fmt: skip
-        log_eval(ctx, run_id, result)
+        log_eval(run, result)
     record = {
-        "run_id": run_id,
+        "run_id": run.run_id,
         "metrics": result.metrics,
         "eval_data": result.eval_data,
         "samples": result.samples,
     }
     ctx.cache.commit("evaluate", fp, record)
-    return StageOutcome("evaluate", False, fp, run_id, {**record, "model": model})
+    return StepOutcome("evaluate", False, fp, run.run_id, {**record, "model": model})
 
 
-def log_eval(ctx: Context, run_id: str, result: EvalResult) -> None:
-    ctx.runs.log_metrics(run_id, result.metrics)
+def log_eval(run: Tracker, result: EvalResult) -> None:
+    run.log(result.metrics, step=0)
     with tempfile.TemporaryDirectory() as tmp:
         for path in write_report(result, tmp):
-            ctx.runs.client.log_artifact(run_id, path, "eval")
+            run.log_artifact(path, "eval")
 
 
-def register_stage(ctx: Context, data: StageOutcome, evaluated: StageOutcome) -> StageOutcome:
+def register(ctx: Context, data: StepOutcome, evaluated: StepOutcome) -> StepOutcome:
     cfg = ctx.cfg
     name = cfg.registry.model_name
     fp = stable_hash({"evaluate": evaluated.fingerprint, "model_name": name})
     found = None if "register" in ctx.force else reg.find_version(ctx.runs.client, name, fp)
     if found is not None:
         tags = {CACHE_HIT_TAG: "true", "moe.model_version": found.version}
-        with ctx.runs.stage("register", ctx.parent_run_id, tags) as run_id:
+        with ctx.runs.step("register", ctx.parent_run_id, tags) as run:
             pass
         champion = found.tags.get(reg.TAG_BECAME_CHAMPION, "false")
         outputs = {"name": name, "version": str(found.version), "became_champion": champion}
-        return StageOutcome("register", True, fp, run_id, outputs)
-    with ctx.runs.stage("register", ctx.parent_run_id, {CACHE_HIT_TAG: "false"}) as run_id:
-        outputs = _register(ctx, run_id, fp, data, evaluated)
-    return StageOutcome("register", False, fp, run_id, outputs)
+        return StepOutcome("register", True, fp, run.run_id, outputs)
+    with ctx.runs.step("register", ctx.parent_run_id, {CACHE_HIT_TAG: "false"}) as run:
+        outputs = _register(ctx, run, fp, data, evaluated)
+    return StepOutcome("register", False, fp, run.run_id, outputs)
 
 
-def _register(ctx: Context, run_id: str, fp: str, data, evaluated) -> dict[str, Any]:
+def _register(ctx: Context, run: Tracker, fp: str, data, evaluated) -> dict[str, Any]:
     from pipeline.reader import DatasetReader
 
     cfg = ctx.cfg
@@ -121,7 +122,7 @@ def _register(ctx: Context, run_id: str, fp: str, data, evaluated) -> dict[str, 
     }
     with tempfile.TemporaryDirectory() as tmp:
         folder = _hf_folder(model, reader, tmp)
-        mv = reg.publish_version(client, run_id, folder, name, tags)
+        mv = reg.publish_version(client, run.run_id, folder, name, tags)
     set_name = metric.split("/")[0]
     # Check-then-set: two registers at once could both beat the old champion and the worse
     # one move the alias last. One gate at a time per storage root, and a re-check after.
@@ -133,8 +134,8 @@ def _register(ctx: Context, run_id: str, fp: str, data, evaluated) -> dict[str, 
         reg.apply_decision(client, name, mv.version, decision)
         if decision.promote and cfg.registry.gate == "loss":
             reg.recheck_champion(client, name, decision, eval_data.get(set_name), set_name)
-    ctx.runs.set_tags(run_id, {**decision.as_tags(), "moe.model_version": mv.version})
-    ctx.runs.log_metrics(run_id, decision.as_metrics())
+    run.set_tags({**decision.as_tags(), "moe.model_version": mv.version})
+    run.log(decision.as_metrics(), step=0)
     return {
         "name": name,
         "version": str(mv.version),
