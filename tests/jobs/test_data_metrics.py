@@ -1,8 +1,8 @@
-"""The prepare stage's MLflow metrics: near duplicates and each mixture source's tokens."""
+"""The prepare step's MLflow metrics: near duplicates and each mixture source's tokens."""
 
 from __future__ import annotations
 
-from jobs.service.stages import _data_metrics
+from jobs.service.steps.data import _data_metrics
 
 
 def manifest(**extra) -> dict:
