@@ -1,6 +1,7 @@
 """Training steps with expert parallelism on 4 gloo processes (EP 2: two groups of two)
 against one process that accumulates the same 4 micro batches, and checkpoints that do
-not depend on the layout: what EP 2 saved loads in one process and resumes there.
+not depend on the layout: what EP 2 saved on 4 workers loads in one process and resumes
+there, and resumes at EP 2 on 2 workers.
 """
 
 from __future__ import annotations
@@ -72,6 +73,29 @@ def worker(rank: int, strategy: str, out: str) -> None:
         dist.destroy_process_group()
 
 
+def resume_on_two(rank: int, out: str) -> None:
+    """EP 2 on 2 workers (one group, no dp replica) resumes the 4-worker run's step-2
+    checkpoint under DDP and takes step 3 on the same 4 batches, 2 micro batches per rank."""
+    world = 2
+    store = dist.FileStore(str(Path(out, "store2")), world)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        cpu = torch.device("cpu")
+        raw = fresh(seed=1)
+        ep = apply_expert_parallel(raw, EP, cpu)
+        module = parallelize(raw, "ddp", cpu, False, expert_params=ep.params)
+        optimizer = build_optimizer(module, CFG)
+        state = load_training_checkpoint(Path(out, f"ck{STEPS - 1}"), module, optimizer, ep)
+        tr = Trainee(raw, module, optimizer, cpu, False, ep)
+        micro = [batch(state.step + 1, r) for r in (2 * rank, 2 * rank + 1)]
+        result = train_step(tr, micro, LR, CLIP, poison=False)
+        if rank == 0:
+            Path(out, "resumed_on_two").write_text(repr(float(result.loss)))
+    finally:
+        dist.destroy_process_group()
+
+
 def reference_steps(tr: Trainee, steps: range) -> list[float]:
     """One process, the 4 ranks' batches as 4 micro steps of one optimizer step."""
     return [
@@ -108,6 +132,10 @@ def test_expert_parallel_steps_match_one_process_and_checkpoints_load_anywhere(s
     assert reference_steps(resumed, range(STEPS, STEPS + 1))[0] == pytest.approx(
         losses[-1], rel=1e-5
     )
+    # ... and on 2 workers at EP 2 (another number of workers, the same global batch).
+    mp.spawn(resume_on_two, args=(str(tmp_path),), nprocs=2)
+    on_two = float((tmp_path / "resumed_on_two").read_text())
+    assert on_two == pytest.approx(losses[-1], rel=1e-5)
     resumed_sd = resumed.raw.state_dict()
     for name, value in ref_sd.items():
         torch.testing.assert_close(
