@@ -87,7 +87,25 @@ class S3Options(Section):
     anon: bool = False
 
 
-class SourceConfig(Section):
+class _NamedInputs(Section):
+    """The rules a dataset and a mixture source share for their ``name`` and ``inputs``."""
+
+    @field_validator("name", check_fields=False)
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not NAME_PATTERN.match(v):
+            raise ValueError("must be letters, digits, '.', '_' or '-'")
+        return v
+
+    @field_validator("inputs", check_fields=False)
+    @classmethod
+    def _inputs(cls, v: list[str]) -> list[str]:
+        if not v or any(not s.strip() for s in v):
+            raise ValueError("must be a non-empty list of URIs")
+        return v
+
+
+class SourceConfig(_NamedInputs):
     """One named part of a mixture: its own shards, drawn from by ``weight`` in training."""
 
     name: str = Field(description="Folder under train/ and val/; `val/<name>/loss` in MLflow.")
@@ -100,22 +118,8 @@ class SourceConfig(Section):
         "renormalised away. None = repeated as often as its weight asks.",
     )
 
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if not NAME_PATTERN.match(v):
-            raise ValueError("must be letters, digits, '.', '_' or '-'")
-        return v
 
-    @field_validator("inputs")
-    @classmethod
-    def _inputs(cls, v: list[str]) -> list[str]:
-        if not v or any(not s.strip() for s in v):
-            raise ValueError("must be a non-empty list of URIs")
-        return v
-
-
-class PrepareConfig(Section):
+class PrepareConfig(_NamedInputs):
     name: str = Field(
         "python-docs",
         description="Dataset name: a folder under datasets/; default: read off the inputs "
@@ -209,20 +213,6 @@ class PrepareConfig(Section):
         if self.sources is not None:
             return list(self.sources)
         return [SourceConfig(name=self.name, inputs=self.inputs)]
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if not NAME_PATTERN.match(v):
-            raise ValueError("must be letters, digits, '.', '_' or '-'")
-        return v
-
-    @field_validator("inputs")
-    @classmethod
-    def _inputs(cls, v: list[str]) -> list[str]:
-        if not v or any(not s.strip() for s in v):
-            raise ValueError("must be a non-empty list of URIs")
-        return v
 
     @property
     def row_len(self) -> int:
