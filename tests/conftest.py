@@ -185,3 +185,15 @@ def _kill_cluster(proc: subprocess.Popen, temp: Path) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     proc.wait(timeout=30)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread, as a Ray worker runs (OMP_NUM_THREADS=1): on a busy 2-core machine
+    two threads ran the training tests 10x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -47,13 +47,7 @@ EP2 = ["train.num_workers=2", "train.expert_parallel_size=2"]
 REL = 1e-4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """As a Ray worker runs (OMP_NUM_THREADS=1)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # as a Ray worker runs
 
 
 def config(*extra: str) -> RootConfig:

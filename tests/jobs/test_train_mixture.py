@@ -34,14 +34,7 @@ SETTINGS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # as a Ray worker runs
 
 
 def write_docs(folder: Path, rng: random.Random, docs: int, sentences: int) -> Path:

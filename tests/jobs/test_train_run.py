@@ -51,15 +51,7 @@ ONE_WORKER = ["train.num_workers=1", f"train.global_batch_tokens={2 * 4 * 32}"]
 TWO_WORKERS = ["train.num_workers=2"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Like a Ray worker (OMP_NUM_THREADS=1): on a busy 2-core box, 2 threads run 10x slower."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # as a Ray worker runs
 
 
 def config(*extra: str) -> RootConfig:
